@@ -1,0 +1,74 @@
+"""sqla-anyio-shim: SQLAlchemy's asyncio extension without greenlet.
+
+::
+
+    import sqla_anyio_shim; sqla_anyio_shim.install()
+
+After that, ``sqlalchemy.ext.asyncio`` runs SQLAlchemy's sync code in worker
+threads, and every ``await_()`` in it is awaited by the calling task through
+the event loop (asyncio or trio).  See ``docs/principle.md`` for how.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from . import _patching, _workers
+from ._patching import UnsupportedSQLAlchemyVersion as UnsupportedSQLAlchemyVersion
+
+__all__ = [
+    "install",
+    "uninstall",
+    "is_installed",
+    "UnsupportedSQLAlchemyVersion",
+    "__version__",
+]
+
+__version__ = "0.1.0"
+
+
+def install(
+    *,
+    max_workers: Optional[int] = None,
+    idle_timeout: float = 10.0,
+    max_idle_workers: Optional[int] = None,
+    sync_drivers: bool = False,
+) -> None:
+    """Replace SQLAlchemy's greenlet helpers with the thread bridge.
+
+    Idempotent and thread-safe; may be called before or after SQLAlchemy
+    modules are imported (later imports are patched as they happen).
+    Calling it again changes the options.
+
+    :param max_workers: upper bound on worker threads; ``None`` (the
+        default) creates one per ``greenlet_spawn()`` in flight, as greenlet
+        creates one greenlet per call.  A call beyond the bound waits,
+        without blocking the event loop, for a worker to come free.  Do not
+        set it below the number of calls that can wait on each other (for
+        example, more tasks queueing for pool connections than workers),
+        or they deadlock.
+    :param idle_timeout: seconds after which an idle worker thread retires.
+    :param max_idle_workers: idle workers kept at most (``None``: no cap).
+    :param sync_drivers: let ``create_async_engine()`` accept plain sync
+        DBAPI drivers (``sqlite://``, ``postgresql+psycopg://``,
+        ``mysql+pymysql://``), which then run directly in the workers.
+    :raises UnsupportedSQLAlchemyVersion: SQLAlchemy is not 2.0.x or 2.1.x.
+    """
+    _workers.pool.configure(
+        max_workers=max_workers,
+        idle_timeout=idle_timeout,
+        max_idle_workers=max_idle_workers,
+    )
+    _patching.install(sync_drivers=sync_drivers)
+
+
+def uninstall() -> None:
+    """Restore exactly what :func:`install` replaced (greenlet is used
+    again if it is installed).  Idle worker threads are stopped."""
+    _patching.uninstall()
+    _workers.pool.shutdown()
+
+
+def is_installed() -> bool:
+    """Whether :func:`install` is in effect."""
+    return _patching.is_installed()

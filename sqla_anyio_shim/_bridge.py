@@ -1,0 +1,473 @@
+"""The thread bridge: ``greenlet_spawn()`` / ``await_()`` without greenlet.
+
+How it works (the thread analogue of SQLAlchemy's greenlet driver loop)
+-----------------------------------------------------------------------
+``greenlet_spawn(fn)`` is awaited by a task on the event loop (the *host*).
+It hands ``fn`` to a worker thread (:mod:`._workers`) and then runs a small
+message loop, exactly like the ``while not context.dead`` loop of upstream:
+
+1. The worker runs ``fn``.  When the sync code calls ``await_(aw)``, the
+   worker stores ``aw`` in the call's *outbox*, posts a one-way wake-up to
+   the loop (``call_soon_threadsafe`` / ``run_sync_soon``; never a blocking
+   round trip) and blocks on the call's reply lock.
+2. The host wakes up, awaits ``aw`` *itself*, inside its own task, cancel
+   scopes and context, and puts the value or the exception in the *inbox*,
+   then releases the reply lock.  The worker returns the value from
+   ``await_()`` or raises the exception there, with its traceback.
+3. When ``fn`` returns or raises, the worker marks itself idle (so the next
+   call reuses it) and posts the outcome; ``greenlet_spawn()`` returns it.
+
+Context variables
+-----------------
+greenlet runs the sync code in the *same* context as the awaiting task.  A
+thread cannot share a Context object (a Context can only be entered by one
+thread at a time), so the bridge keeps two in step on every hop, the way
+asgiref's ``_restore_context`` does: the worker runs in a copy of the host's
+context; before the host awaits ``aw`` it copies into its own context every
+variable whose value differs, and it sends a snapshot of its context back
+with the reply, which the worker applies the same way.  Context objects are
+immutable maps compared by identity first, so an unchanged context costs one
+pointer comparison per hop.
+
+Cancellation
+------------
+With greenlet, a task can only be cancelled where it is suspended, which is
+always at an ``await_()``.  Here the host is also suspended while the worker
+runs plain Python; a cancellation that arrives then cannot interrupt that
+Python code, so the host keeps waiting for the worker (no thread is ever
+abandoned with work in flight) and delivers the cancellation at the worker's
+next ``await_()`` -- the awaitable is closed unawaited and the cancellation
+exception is raised there, so SQLAlchemy's own cleanup runs, as it does with
+greenlet.  If the sync code finishes without another ``await_()``, the
+cancellation is raised when ``greenlet_spawn()`` returns.  On asyncio this is
+done by catching and re-delivering the ``CancelledError``; on trio the wait
+is uncancellable and trio's level-triggered cancellation lands at the next
+checkpoint by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import sys
+import threading
+from typing import Any, Awaitable, Callable, Optional, TypeVar
+
+from sqlalchemy import exc
+
+from . import _workers
+
+_T = TypeVar("_T")
+
+_get_running_loop = asyncio._get_running_loop
+_copy_context = contextvars.copy_context
+_CancelledError = asyncio.CancelledError
+_current_task = asyncio.current_task
+
+#: set by the pytest plugin's ``await_points`` replacement: called with each
+#: awaitable the host is about to await, returns the awaitable to await
+_await_hook: Optional[Callable[[Any], Any]] = None
+
+#: worker-thread state: ``_local.call`` is the :class:`_Call` running here
+_local = threading.local()
+
+_MISSING = object()
+_DONE = object()
+
+# messages of the SQLAlchemy line in use; set by _patching
+MISSING_GREENLET_MESSAGE = (
+    "greenlet_spawn has not been called; can't call await_() "
+    "here. Was IO attempted in an unexpected place?"
+)
+AWAIT_REQUIRED_MESSAGE = (
+    "The current operation required an async execution but none was "
+    "detected. This will usually happen when using a non compatible "
+    "DBAPI driver. Please ensure that an async DBAPI is used."
+)
+
+
+def _apply_context(source: contextvars.Context) -> None:
+    """Set, in the current context, every variable whose value in
+    ``source`` differs."""
+    for var, value in source.items():
+        if var.get(_MISSING) is not value:
+            var.set(value)
+
+
+def _safe_close(awaitable: Any) -> None:
+    # close a coroutine we refuse to await, so that no "coroutine was never
+    # awaited" warning leaks out (upstream's _safe_cancel_awaitable)
+    if asyncio.iscoroutine(awaitable):
+        awaitable.close()
+
+
+class _Call:
+    """One ``greenlet_spawn()`` in flight: the thread analogue of
+    ``_AsyncIoGreenlet``."""
+
+    __slots__ = (
+        "fn",
+        "args",
+        "kwargs",
+        "context",
+        "worker",
+        "outbox",
+        "inbox",
+        "reply",
+        "waiter",
+        "post",
+        "result",
+        "error",
+        "loop",
+        "task",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: Any,
+        kwargs: Any,
+        post: Callable[[Callable[[], None]], Any],
+        loop: Optional[asyncio.AbstractEventLoop],
+    ) -> None:
+        self.loop = loop
+        self.task: Any = None
+        self.worker: Any = None
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.context = _copy_context()
+        self.outbox: Any = None
+        self.inbox: Any = None
+        self.reply = threading.Lock()
+        self.reply.acquire()
+        self.waiter: Any = None
+        self.post = post
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+
+    # -- worker side -------------------------------------------------------
+
+    def run(self) -> None:
+        _local.call = self
+        try:
+            self.result = self.context.run(self.fn, *self.args, **self.kwargs)
+        except BaseException as err:
+            self.error = err
+        finally:
+            _local.call = None
+            # drop what the job referenced before anything else can wait on
+            # this thread
+            self.fn = self.args = self.kwargs = None
+        worker, self.worker = self.worker, None
+        # mark ourselves idle *before* delivering, so that the caller's next
+        # greenlet_spawn() finds this warm thread
+        _workers.pool.release(worker)
+        self.outbox = _DONE
+        self.post(self.wakeup)
+
+    def switch(self, awaitable: Any) -> Any:
+        """``await_()`` in the worker: hand ``awaitable`` to the host and
+        block until it has been awaited."""
+        self.outbox = awaitable
+        self.post(self.wakeup)
+        self.reply.acquire()
+        value, error, snapshot = self.inbox
+        self.inbox = None
+        if snapshot is not None:
+            _apply_context(snapshot)
+        if error is not None:
+            try:
+                raise error
+            finally:
+                del error
+        return value
+
+    # -- host side ---------------------------------------------------------
+
+    def send(self, value: Any, error: Optional[BaseException]) -> None:
+        snapshot = _copy_context()
+        self.inbox = (
+            value,
+            error,
+            None if snapshot == self.context else snapshot,
+        )
+        self.reply.release()
+
+    def sync_context_to_host(self) -> None:
+        context = self.context
+        if _copy_context() != context:
+            _apply_context(context)
+
+    def wakeup(self) -> None:
+        """Runs on the loop thread, posted by the worker."""
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if self.loop is not None:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                import trio
+
+                trio.lowlevel.reschedule(waiter)
+
+
+def in_greenlet() -> bool:
+    """True when called from sync code that runs inside ``greenlet_spawn``
+    (that is, in a bridge worker thread)."""
+    return getattr(_local, "call", None) is not None
+
+
+def await_(awaitable: Awaitable[_T]) -> _T:
+    """Await ``awaitable`` from sync code running inside
+    :func:`greenlet_spawn`, returning its result."""
+    call = getattr(_local, "call", None)
+    if call is None:
+        _safe_close(awaitable)
+        raise exc.MissingGreenlet(MISSING_GREENLET_MESSAGE)
+    return call.switch(awaitable)  # type: ignore[no-any-return]
+
+
+def await_fallback(awaitable: Awaitable[_T]) -> _T:
+    """SQLAlchemy 2.0's ``await_fallback``: like :func:`await_`, but outside
+    a bridge it runs the awaitable on the thread's event loop if that loop
+    is not running."""
+    call = getattr(_local, "call", None)
+    if call is None:
+        loop = _get_running_loop()
+        if loop is None:
+            loop = asyncio.get_event_loop_policy().get_event_loop()
+        if loop.is_running():
+            _safe_close(awaitable)
+            raise exc.MissingGreenlet(
+                "greenlet_spawn has not been called and asyncio event "
+                "loop is already running; can't call await_fallback() here. "
+                "Was IO attempted in an unexpected place?"
+            )
+        return loop.run_until_complete(awaitable)  # type: ignore[arg-type]
+    return call.switch(awaitable)  # type: ignore[no-any-return]
+
+
+async def greenlet_spawn(
+    fn: Callable[..., _T],
+    *args: Any,
+    _require_await: bool = False,
+    **kwargs: Any,
+) -> _T:
+    """Run the sync callable ``fn`` in a worker thread; every
+    :func:`await_` it performs is awaited by the calling task."""
+    loop = _get_running_loop()
+    if loop is not None:
+        call = _Call(fn, args, kwargs, loop.call_soon_threadsafe, loop)
+        call.task = _current_task(loop)
+        worker = _workers.pool.try_acquire()
+        if worker is None:
+            worker = await _wait_for_worker_asyncio(loop)
+        call.worker = worker
+        worker.submit(call.run)
+        return await _drive_asyncio(call, loop, _require_await)
+    return await _greenlet_spawn_trio(fn, args, kwargs, _require_await)
+
+
+async def _drive_asyncio(
+    call: _Call, loop: asyncio.AbstractEventLoop, require_await: bool
+) -> Any:
+    switched = False
+    cancelled: Optional[BaseException] = None
+    while True:
+        awaitable = call.outbox
+        if awaitable is None:
+            waiter = call.waiter = loop.create_future()
+            try:
+                await waiter
+            except _CancelledError as err:
+                # the worker is running plain Python and cannot be
+                # interrupted; deliver this at its next await_()
+                call.waiter = None
+                cancelled = err
+            continue
+        call.outbox = None
+        call.sync_context_to_host()
+        if awaitable is _DONE:
+            break
+        switched = True
+        hook = _await_hook
+        if hook is not None:
+            awaitable = hook(awaitable)
+        if cancelled is not None:
+            _safe_close(awaitable)
+            error, cancelled = cancelled, None
+            call.send(None, error)
+            del error
+            continue
+        try:
+            value = await awaitable
+        except BaseException as err:
+            call.send(None, err)
+        else:
+            call.send(value, None)
+        del awaitable
+    return _finish(call, cancelled, switched, require_await)
+
+
+def _finish(
+    call: _Call,
+    cancelled: Optional[BaseException],
+    switched: bool,
+    require_await: bool,
+) -> Any:
+    error, call.error = call.error, None
+    result, call.result = call.result, None
+    try:
+        if cancelled is not None:
+            # the cancellation arrived while the sync code ran its last
+            # stretch of plain Python: it lands here, at the next await
+            # point of the caller, and must not be lost
+            if error is not None:
+                raise cancelled from error
+            raise cancelled
+        if error is not None:
+            raise error
+    finally:
+        del error, cancelled
+    if require_await and not switched:
+        raise exc.AwaitRequired(AWAIT_REQUIRED_MESSAGE)
+    return result
+
+
+async def _wait_for_worker_asyncio(
+    loop: asyncio.AbstractEventLoop,
+) -> _workers._Worker:
+    pool = _workers.pool
+    while True:
+        waiter = loop.create_future()
+
+        def wake(waiter: "asyncio.Future[None]" = waiter) -> None:
+            loop.call_soon_threadsafe(_set_result_unless_done, waiter)
+
+        worker = pool.add_waiter(wake)
+        if worker is not None:
+            return worker
+        try:
+            await waiter
+        except BaseException:
+            pool.remove_waiter(wake)
+            raise
+        worker = pool.try_acquire()
+        if worker is not None:
+            return worker
+
+
+def _set_result_unless_done(fut: "asyncio.Future[None]") -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+# -- trio ------------------------------------------------------------------
+
+
+def _abort_failed(raise_cancel: Any) -> Any:
+    import trio
+
+    # the worker runs plain Python that cannot be interrupted: the wait is
+    # uncancellable and trio delivers the cancellation at the next
+    # checkpoint, which is the next await_() of the sync code
+    return trio.lowlevel.Abort.FAILED
+
+
+async def _greenlet_spawn_trio(
+    fn: Callable[..., Any], args: Any, kwargs: Any, require_await: bool
+) -> Any:
+    trio = sys.modules.get("trio")
+    token = None
+    if trio is not None:
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            token = None
+    if token is None:
+        raise RuntimeError(
+            "greenlet_spawn() must be awaited in a task of an asyncio or "
+            "trio event loop (sqla-anyio-shim supports both through anyio)"
+        )
+    call = _Call(fn, args, kwargs, token.run_sync_soon, None)
+    pool = _workers.pool
+    worker = pool.try_acquire()
+    if worker is None:
+        worker = await _wait_for_worker_trio(trio, token)
+    call.worker = worker
+    worker.submit(call.run)
+
+    task = trio.lowlevel.current_task()
+    wait = trio.lowlevel.wait_task_rescheduled
+    switched = False
+    while True:
+        awaitable = call.outbox
+        if awaitable is None:
+            call.waiter = task
+            await wait(_abort_failed)
+            continue
+        call.outbox = None
+        call.sync_context_to_host()
+        if awaitable is _DONE:
+            break
+        switched = True
+        hook = _await_hook
+        if hook is not None:
+            awaitable = hook(awaitable)
+        try:
+            value = await awaitable
+        except BaseException as err:
+            call.send(None, err)
+        else:
+            call.send(value, None)
+        del awaitable
+    if call.error is None:
+        # a cancellation that arrived while the sync code ran plain Python
+        # lands here, as at any trio checkpoint
+        await trio.lowlevel.checkpoint_if_cancelled()
+    return _finish(call, None, switched, require_await)
+
+
+async def _wait_for_worker_trio(trio: Any, token: Any) -> _workers._Worker:
+    pool = _workers.pool
+    while True:
+        event = trio.Event()
+
+        def wake(event: Any = event) -> None:
+            token.run_sync_soon(event.set)
+
+        worker = pool.add_waiter(wake)
+        if worker is not None:
+            return worker
+        try:
+            await event.wait()
+        except BaseException:
+            pool.remove_waiter(wake)
+            raise
+        worker = pool.try_acquire()
+        if worker is not None:
+            return worker
+
+
+def current_task(loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
+    """``asyncio.current_task()`` that, in a bridge worker, returns the task
+    awaiting the bridge -- the task that is current for the sync code under
+    greenlet (``async_scoped_session(..., scopefunc=current_task)`` relies
+    on it)."""
+    call = getattr(_local, "call", None)
+    if call is not None and call.loop is not None and (
+        loop is None or loop is call.loop
+    ):
+        return call.task
+    return _current_task(loop)
+
+
+def current_loop_of_worker() -> Any:
+    """The asyncio loop of the host of the current worker thread, or None
+    (not in a worker, or the host is not asyncio)."""
+    call = getattr(_local, "call", None)
+    if call is None:
+        return None
+    return call.loop

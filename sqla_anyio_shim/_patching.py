@@ -1,0 +1,426 @@
+"""Where the bridge is plugged into SQLAlchemy, per SQLAlchemy line.
+
+SQLAlchemy binds its greenlet helpers *by name* all over the place:
+``from ..util.concurrency import await_`` in a dozen modules, re-exports in
+``sqlalchemy.util``, and on 2.0 ``await_ = staticmethod(await_only)`` in the
+dialects' adapter classes.  Patching one module is not enough, so
+:func:`install` builds a map *original object -> replacement* and walks every
+loaded ``sqlalchemy.*`` module (module globals, and the staticmethods of the
+classes each module defines), swapping every reference it finds.  A
+``sys.meta_path`` finder does the same for every ``sqlalchemy.*`` module
+imported later, right after it executes.  Every swap is recorded so that
+:func:`uninstall` restores exactly what was there.
+
+What else is replaced, and why:
+
+* 2.1: ``util.concurrency._concurrency_shim``, the lazy greenlet importer,
+  becomes an object that reports greenlet as present, which disarms the
+  import guard of ``sqlalchemy.ext.asyncio`` and the harness'
+  ``_AsyncUtil.run_in_greenlet``.
+* 2.0: ``util.concurrency`` decides ``have_greenlet`` at import; it is set to
+  True and, when greenlet is not importable, a stand-in for
+  ``util._concurrency_py3k`` (which imports greenlet at module level) is put
+  in ``sys.modules`` with the bridge's functions.
+* ``AsyncAdaptedQueue`` (the pool) and ``AsyncAdaptedLock`` (event/attr.py)
+  get loop-safe methods (:mod:`._primitives`).
+* ``asyncio`` in the globals of the modules whose sync code calls
+  ``asyncio.shield()`` / ``asyncio.get_event_loop()`` becomes a proxy.
+* ``ext.asyncio.base._run_to_completion`` and ``is_cancellation_exception``
+  learn trio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.abc
+import importlib.machinery
+import sys
+import threading
+import types
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import _bridge, _primitives
+
+SUPPORTED_LINES = ((2, 0), (2, 1))
+SUPPORTED_TEXT = "SQLAlchemy 2.0.x and 2.1.x"
+
+
+class UnsupportedSQLAlchemyVersion(RuntimeError):
+    """The installed SQLAlchemy is not a version this shim knows how to
+    patch."""
+
+
+def sqlalchemy_line() -> Tuple[int, int]:
+    import sqlalchemy
+
+    version = sqlalchemy.__version__
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        major = minor = -1
+    if (major, minor) not in SUPPORTED_LINES:
+        raise UnsupportedSQLAlchemyVersion(
+            f"sqla-anyio-shim supports {SUPPORTED_TEXT}; the installed "
+            f"SQLAlchemy is {version}. Install a supported version, e.g. "
+            f"pip install 'sqlalchemy>=2.0,<2.2'"
+        )
+    return major, minor
+
+
+# modules whose *sync* code calls asyncio functions (see AsyncioProxy)
+_ASYNCIO_PROXY_MODULES = (
+    "sqlalchemy.connectors.asyncio",
+    "sqlalchemy.dialects.sqlite.aiosqlite",
+)
+
+_MISSING = object()
+
+
+class _ConcurrencyShim:
+    """Stands in for 2.1's ``_concurrency_shim``: greenlet is 'present'
+    because the bridge provides what SQLAlchemy needed it for."""
+
+    _has_greenlet = True
+    # the thread analogue of _AsyncIoGreenlet: one per greenlet_spawn()
+    _AsyncIoGreenlet = _bridge._Call
+
+    def _initialize(self, *, raise_: bool = True) -> None:
+        return None
+
+    def _initialize_no_greenlet(self) -> None:
+        return None
+
+
+class _Runner:
+    """asyncio.Runner for 2.0's harness on Python 3.10 (2.0 vendors one in
+    _concurrency_py3k, which cannot be imported without greenlet)."""
+
+    def __init__(self) -> None:
+        self._loop: Any = None
+
+    def __enter__(self) -> "_Runner":
+        self.get_loop()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop:
+            try:
+                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            finally:
+                self._loop.close()
+                self._loop = False
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is False:
+            raise RuntimeError("Runner is closed")
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop  # type: ignore[no-any-return]
+
+    def run(self, coro: Any) -> Any:
+        return self.get_loop().run_until_complete(coro)
+
+
+def _get_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    return asyncio.get_event_loop_policy().get_event_loop()
+
+
+class _Installation:
+    """The record of one install(): every attribute changed, to undo."""
+
+    def __init__(self) -> None:
+        self.line: Tuple[int, int] = (0, 0)
+        # id(original) -> (original, replacement)
+        self.replacements: Dict[int, Tuple[Any, Any]] = {}
+        # id(replacement) -> original, for modules imported while installed
+        self.originals: Dict[int, Any] = {}
+        self.undo: List[Tuple[Any, str, Any]] = []
+        self.added_modules: List[str] = []
+        self.finder: Optional[_Finder] = None
+
+    def set(self, target: Any, name: str, value: Any) -> None:
+        old = target.__dict__.get(name, _MISSING) if isinstance(
+            target, type
+        ) else getattr(target, name, _MISSING)
+        self.undo.append((target, name, old))
+        setattr(target, name, value)
+
+    def replace(self, original: Any, replacement: Any) -> None:
+        if original is replacement or original is None:
+            return
+        self.replacements[id(original)] = (original, replacement)
+        self.originals[id(replacement)] = original
+
+    # -- walking modules ----------------------------------------------------
+
+    def patch_module(self, module: types.ModuleType, late: bool) -> None:
+        name = module.__name__
+        replacements = self.replacements
+        originals = self.originals
+        for attr, value in list(vars(module).items()):
+            hit = replacements.get(id(value))
+            if hit is not None and hit[0] is value:
+                self.set(module, attr, hit[1])
+            elif late and id(value) in originals:
+                # bound to our replacement at import time: remember what
+                # uninstall() must put back
+                self.undo.append((module, attr, originals[id(value)]))
+            if (
+                isinstance(value, type)
+                and value.__module__ == name
+                and attr == value.__name__
+            ):
+                self.patch_class(value, late)
+        if name in _ASYNCIO_PROXY_MODULES and vars(module).get(
+            "asyncio"
+        ) is asyncio:
+            self.set(module, "asyncio", _primitives.asyncio_proxy)
+        if name == "sqlalchemy.ext.asyncio.base":
+            original = vars(module).get("_run_to_completion")
+            if original is not None and not hasattr(original, "__wrapped__"):
+                replacement = _primitives.make_run_to_completion(original)
+                self.replace(original, replacement)
+                self.set(module, "_run_to_completion", replacement)
+
+    def patch_class(self, cls: type, late: bool) -> None:
+        replacements = self.replacements
+        for attr, value in list(cls.__dict__.items()):
+            if isinstance(value, staticmethod):
+                func = value.__func__
+                hit = replacements.get(id(func))
+                if hit is not None and hit[0] is func:
+                    self.set(cls, attr, staticmethod(hit[1]))
+                elif late and id(func) in self.originals:
+                    self.undo.append(
+                        (cls, attr, staticmethod(self.originals[id(func)]))
+                    )
+
+    def patch_loaded(self) -> None:
+        for name, module in list(sys.modules.items()):
+            if module is None or not (
+                name == "sqlalchemy" or name.startswith("sqlalchemy.")
+            ):
+                continue
+            self.patch_module(module, late=False)
+
+    def restore(self) -> None:
+        for target, name, old in reversed(self.undo):
+            if old is _MISSING:
+                try:
+                    delattr(target, name)
+                except AttributeError:
+                    pass
+            else:
+                setattr(target, name, old)
+        self.undo.clear()
+        for name in self.added_modules:
+            sys.modules.pop(name, None)
+
+
+class _LoaderWrapper(importlib.abc.Loader):
+    def __init__(self, loader: Any, installation: _Installation) -> None:
+        self._loader = loader
+        self._installation = installation
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._loader.exec_module(module)
+        with _lock:
+            if _installation is self._installation:
+                self._installation.patch_module(module, late=True)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Patches every ``sqlalchemy.*`` module imported after install()."""
+
+    def __init__(self, installation: _Installation) -> None:
+        self._installation = installation
+        self._local = threading.local()
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if not fullname.startswith("sqlalchemy.") or getattr(
+            self._local, "busy", False
+        ):
+            return None
+        self._local.busy = True
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self._local.busy = False
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _LoaderWrapper(spec.loader, self._installation)
+        return spec
+
+
+_lock = threading.RLock()
+_installation: Optional[_Installation] = None
+
+
+def is_installed() -> bool:
+    return _installation is not None
+
+
+def install(*, sync_drivers: bool = False) -> None:
+    global _installation
+    with _lock:
+        if _installation is not None:
+            if _installation.sync_drivers != sync_drivers:
+                _installation.set_sync_drivers(sync_drivers)
+            return
+        line = sqlalchemy_line()
+        inst = _Installation()
+        inst.line = line
+        inst.sync_drivers = False
+        import sqlalchemy.util.concurrency as concurrency
+        import sqlalchemy.util.queue as sqla_queue
+
+        try:
+            if line >= (2, 1):
+                _plan_21(inst, concurrency)
+            else:
+                _plan_20(inst, concurrency)
+            for method in ("empty", "full", "qsize", "put_nowait", "put", "get_nowait", "get"):
+                inst.set(
+                    sqla_queue.AsyncAdaptedQueue,
+                    method,
+                    getattr(_primitives.QueueMethods, method),
+                )
+            # asyncio.current_task() from sync code (scoped sessions)
+            import asyncio.tasks
+
+            inst.replace(asyncio.tasks.current_task, _bridge.current_task)
+            inst.set(asyncio, "current_task", _bridge.current_task)
+            inst.set(asyncio.tasks, "current_task", _bridge.current_task)
+            inst.patch_loaded()
+            inst.finder = _Finder(inst)
+            sys.meta_path.insert(0, inst.finder)
+        except BaseException:
+            inst.restore()
+            raise
+        _installation = inst
+
+
+def uninstall() -> None:
+    global _installation
+    with _lock:
+        inst = _installation
+        if inst is None:
+            return
+        _installation = None
+        if inst.finder is not None and inst.finder in sys.meta_path:
+            sys.meta_path.remove(inst.finder)
+        inst.restore()
+
+
+def _plan_lock(inst: _Installation, concurrency: Any) -> None:
+    lock = vars(concurrency).get("AsyncAdaptedLock")
+    if isinstance(lock, type):
+        inst.set(lock, "__enter__", _primitives.LockMethods.__enter__)
+        inst.set(lock, "__exit__", _primitives.LockMethods.__exit__)
+    else:
+        # 2.0 without greenlet: a function that raises; give it a class
+        replacement = type(
+            "AsyncAdaptedLock",
+            (_primitives.LockMethods,),
+            {"__module__": "sqlalchemy.util.concurrency"},
+        )
+        inst.replace(lock, replacement)
+
+
+def _plan_21(inst: _Installation, concurrency: Any) -> None:
+    _bridge.MISSING_GREENLET_MESSAGE = (
+        "greenlet_spawn has not been called; can't call await_() "
+        "here. Was IO attempted in an unexpected place?"
+    )
+    names = {
+        "await_": _bridge.await_,
+        "await_only": _bridge.await_,
+        "greenlet_spawn": _bridge.greenlet_spawn,
+        "in_greenlet": _bridge.in_greenlet,
+        "is_cancellation_exception": _primitives.is_cancellation_exception,
+    }
+    for name, replacement in names.items():
+        original = vars(concurrency).get(name)
+        if original is not None:
+            inst.replace(original, replacement)
+    inst.replace(concurrency._concurrency_shim, _ConcurrencyShim())
+    _plan_lock(inst, concurrency)
+
+
+def _plan_20(inst: _Installation, concurrency: Any) -> None:
+    _bridge.MISSING_GREENLET_MESSAGE = (
+        "greenlet_spawn has not been called; can't call await_only() "
+        "here. Was IO attempted in an unexpected place?"
+    )
+    names = {
+        "await_only": _bridge.await_,
+        "await_fallback": _bridge.await_fallback,
+        "greenlet_spawn": _bridge.greenlet_spawn,
+        "in_greenlet": _bridge.in_greenlet,
+        "is_exit_exception": _primitives.is_exit_exception,
+        "is_cancellation_exception": _primitives.is_cancellation_exception,
+    }
+    for name, replacement in names.items():
+        original = vars(concurrency).get(name)
+        if original is not None:
+            inst.replace(original, replacement)
+        else:
+            inst.set(concurrency, name, replacement)
+    _plan_lock(inst, concurrency)
+    if not concurrency.have_greenlet:
+        inst.set(concurrency, "have_greenlet", True)
+        inst.set(concurrency, "greenlet_error", None)
+        for name, value in (
+            ("_Runner", getattr(asyncio, "Runner", _Runner)),
+        ):
+            inst.set(concurrency, name, value)
+        # _concurrency_py3k imports greenlet at module level; stand in for it
+        if "sqlalchemy.util._concurrency_py3k" not in sys.modules:
+            stand_in = types.ModuleType("sqlalchemy.util._concurrency_py3k")
+            stand_in.__doc__ = (
+                "sqla-anyio-shim's stand-in for SQLAlchemy 2.0's greenlet "
+                "module: the same names, backed by the thread bridge."
+            )
+            for name, value in {
+                "await_only": _bridge.await_,
+                "await_fallback": _bridge.await_fallback,
+                "greenlet_spawn": _bridge.greenlet_spawn,
+                "in_greenlet": _bridge.in_greenlet,
+                "is_exit_exception": _primitives.is_exit_exception,
+                "AsyncAdaptedLock": vars(concurrency)["AsyncAdaptedLock"]
+                if isinstance(vars(concurrency)["AsyncAdaptedLock"], type)
+                else inst.replacements[
+                    id(vars(concurrency)["AsyncAdaptedLock"])
+                ][1],
+                "_AsyncIoGreenlet": _bridge._Call,
+                "_Runner": getattr(asyncio, "Runner", _Runner),
+                "get_event_loop": _get_event_loop,
+                "_safe_cancel_awaitable": _bridge._safe_close,
+                "iscoroutine": asyncio.iscoroutine,
+            }.items():
+                setattr(stand_in, name, value)
+            sys.modules[stand_in.__name__] = stand_in
+            inst.added_modules.append(stand_in.__name__)
+            import sqlalchemy.util
+
+            inst.set(sqlalchemy.util, "_concurrency_py3k", stand_in)
