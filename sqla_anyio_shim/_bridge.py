@@ -53,8 +53,6 @@ import sys
 import threading
 from typing import Any, Awaitable, Callable, Optional, TypeVar
 
-from sqlalchemy import exc
-
 from . import _workers
 
 _T = TypeVar("_T")
@@ -67,6 +65,14 @@ _current_task = asyncio.current_task
 #: set by the pytest plugin's ``await_points`` replacement: called with each
 #: awaitable the host is about to await, returns the awaitable to await
 _await_hook: Optional[Callable[[Any], Any]] = None
+
+#: How long the host blocks its thread waiting for the worker's next message
+#: before it lets the event loop run.  Within this time the hand-off is a
+#: direct thread-to-thread switch with no event-loop iteration, and the loop
+#: is blocked exactly as it is while a greenlet runs sync code; past it, the
+#: host waits through the loop so that long stretches of sync code (or a
+#: sync driver's blocking I/O) never stall other tasks.  Set by install().
+handoff_timeout = 0.002
 
 #: worker-thread state: ``_local.call`` is the :class:`_Call` running here
 _local = threading.local()
@@ -84,6 +90,14 @@ AWAIT_REQUIRED_MESSAGE = (
     "detected. This will usually happen when using a non compatible "
     "DBAPI driver. Please ensure that an async DBAPI is used."
 )
+
+
+def _exc() -> Any:
+    # imported lazily: importing this package must not import SQLAlchemy
+    # (the pytest plugin has to put a source tree's lib/ on sys.path first)
+    from sqlalchemy import exc
+
+    return exc
 
 
 def _apply_context(source: contextvars.Context) -> None:
@@ -113,7 +127,9 @@ class _Call:
         "worker",
         "outbox",
         "inbox",
+        "ready",
         "reply",
+        "async_waiting",
         "waiter",
         "post",
         "result",
@@ -139,8 +155,15 @@ class _Call:
         self.context = _copy_context()
         self.outbox: Any = None
         self.inbox: Any = None
+        # worker -> host: released when the outbox holds a message
+        self.ready = threading.Lock()
+        self.ready.acquire()
+        # host -> worker: released when the inbox holds the reply
         self.reply = threading.Lock()
         self.reply.acquire()
+        # True while the host waits through the event loop rather than on
+        # ``ready``: the worker must then also post a wake-up to the loop
+        self.async_waiting = False
         self.waiter: Any = None
         self.post = post
         self.result: Any = None
@@ -163,14 +186,21 @@ class _Call:
         # mark ourselves idle *before* delivering, so that the caller's next
         # greenlet_spawn() finds this warm thread
         _workers.pool.release(worker)
-        self.outbox = _DONE
-        self.post(self.wakeup)
+        self.deliver(_DONE)
+
+    def deliver(self, message: Any) -> None:
+        self.outbox = message
+        self.ready.release()
+        # read *after* the release: if the host switched to waiting through
+        # the loop before this read, it gets a wake-up; if after, its own
+        # non-blocking acquire of ``ready`` sees the release
+        if self.async_waiting:
+            self.post(self.wakeup)
 
     def switch(self, awaitable: Any) -> Any:
         """``await_()`` in the worker: hand ``awaitable`` to the host and
         block until it has been awaited."""
-        self.outbox = awaitable
-        self.post(self.wakeup)
+        self.deliver(awaitable)
         self.reply.acquire()
         value, error, snapshot = self.inbox
         self.inbox = None
@@ -194,10 +224,13 @@ class _Call:
         )
         self.reply.release()
 
-    def sync_context_to_host(self) -> None:
+    def take(self) -> Any:
+        """The message the worker delivered; syncs the context first."""
+        message, self.outbox = self.outbox, None
         context = self.context
         if _copy_context() != context:
             _apply_context(context)
+        return message
 
     def wakeup(self) -> None:
         """Runs on the loop thread, posted by the worker."""
@@ -225,7 +258,7 @@ def await_(awaitable: Awaitable[_T]) -> _T:
     call = getattr(_local, "call", None)
     if call is None:
         _safe_close(awaitable)
-        raise exc.MissingGreenlet(MISSING_GREENLET_MESSAGE)
+        raise _exc().MissingGreenlet(MISSING_GREENLET_MESSAGE)
     return call.switch(awaitable)  # type: ignore[no-any-return]
 
 
@@ -240,7 +273,7 @@ def await_fallback(awaitable: Awaitable[_T]) -> _T:
             loop = asyncio.get_event_loop_policy().get_event_loop()
         if loop.is_running():
             _safe_close(awaitable)
-            raise exc.MissingGreenlet(
+            raise _exc().MissingGreenlet(
                 "greenlet_spawn has not been called and asyncio event "
                 "loop is already running; can't call await_fallback() here. "
                 "Was IO attempted in an unexpected place?"
@@ -275,20 +308,22 @@ async def _drive_asyncio(
 ) -> Any:
     switched = False
     cancelled: Optional[BaseException] = None
+    ready = call.ready
     while True:
-        awaitable = call.outbox
-        if awaitable is None:
-            waiter = call.waiter = loop.create_future()
-            try:
-                await waiter
-            except _CancelledError as err:
-                # the worker is running plain Python and cannot be
-                # interrupted; deliver this at its next await_()
-                call.waiter = None
-                cancelled = err
-            continue
-        call.outbox = None
-        call.sync_context_to_host()
+        if not ready.acquire(True, handoff_timeout):
+            # the sync code runs longer than a hand-off: let the loop run
+            call.async_waiting = True
+            while not ready.acquire(False):
+                waiter = call.waiter = loop.create_future()
+                try:
+                    await waiter
+                except _CancelledError as err:
+                    # the worker is running plain Python and cannot be
+                    # interrupted; deliver this at its next await_()
+                    call.waiter = None
+                    cancelled = err
+            call.async_waiting = False
+        awaitable = call.take()
         if awaitable is _DONE:
             break
         switched = True
@@ -332,7 +367,7 @@ def _finish(
     finally:
         del error, cancelled
     if require_await and not switched:
-        raise exc.AwaitRequired(AWAIT_REQUIRED_MESSAGE)
+        raise _exc().AwaitRequired(AWAIT_REQUIRED_MESSAGE)
     return result
 
 
@@ -401,15 +436,16 @@ async def _greenlet_spawn_trio(
 
     task = trio.lowlevel.current_task()
     wait = trio.lowlevel.wait_task_rescheduled
+    ready = call.ready
     switched = False
     while True:
-        awaitable = call.outbox
-        if awaitable is None:
-            call.waiter = task
-            await wait(_abort_failed)
-            continue
-        call.outbox = None
-        call.sync_context_to_host()
+        if not ready.acquire(True, handoff_timeout):
+            call.async_waiting = True
+            while not ready.acquire(False):
+                call.waiter = task
+                await wait(_abort_failed)
+            call.async_waiting = False
+        awaitable = call.take()
         if awaitable is _DONE:
             break
         switched = True

@@ -33,8 +33,6 @@ import types
 from collections import deque
 from typing import Any, Callable, Deque, Optional
 
-from sqlalchemy import exc
-
 from . import _bridge
 
 _get_running_loop = asyncio._get_running_loop
@@ -133,8 +131,10 @@ def _deadline(timeout: Optional[float]) -> Optional[float]:
     return anyio.current_time() + max(timeout, 0.0)
 
 
-def _missing_greenlet() -> exc.MissingGreenlet:
-    return exc.MissingGreenlet(_bridge.MISSING_GREENLET_MESSAGE)
+def _missing_greenlet() -> BaseException:
+    return _bridge._exc().MissingGreenlet(  # type: ignore[no-any-return]
+        _bridge.MISSING_GREENLET_MESSAGE
+    )
 
 
 # -- the pool's queue ------------------------------------------------------
