@@ -136,6 +136,7 @@ class _Call:
         "error",
         "loop",
         "task",
+        "sync_io",
     )
 
     def __init__(
@@ -148,6 +149,7 @@ class _Call:
     ) -> None:
         self.loop = loop
         self.task: Any = None
+        self.sync_io = False
         self.worker: Any = None
         self.fn = fn
         self.args = args
@@ -366,7 +368,7 @@ def _finish(
             raise error
     finally:
         del error, cancelled
-    if require_await and not switched:
+    if require_await and not switched and not call.sync_io:
         raise _exc().AwaitRequired(AWAIT_REQUIRED_MESSAGE)
     return result
 
@@ -498,6 +500,20 @@ def current_task(loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
     ):
         return call.task
     return _current_task(loop)
+
+
+def note_sync_io() -> None:
+    """Called by a sync-driver dialect in a worker: this call did its I/O
+    in the worker, so ``_require_await`` is satisfied."""
+    call = getattr(_local, "call", None)
+    if call is not None:
+        call.sync_io = True
+
+
+def host_is_trio() -> bool:
+    """True in a bridge worker whose host task runs under trio."""
+    call = getattr(_local, "call", None)
+    return call is not None and call.loop is None
 
 
 def current_loop_of_worker() -> Any:

@@ -39,7 +39,7 @@ import threading
 import types
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import _bridge, _primitives
+from . import _bridge, _primitives, _sync_drivers
 
 SUPPORTED_LINES = ((2, 0), (2, 1))
 SUPPORTED_TEXT = "SQLAlchemy 2.0.x and 2.1.x"
@@ -143,7 +143,12 @@ class _Installation:
         self.originals: Dict[int, Any] = {}
         self.undo: List[Tuple[Any, str, Any]] = []
         self.added_modules: List[str] = []
+        self.sync_drivers = False
         self.finder: Optional[_Finder] = None
+
+    def set_sync_drivers(self, flag: bool) -> None:
+        self.sync_drivers = flag
+        _sync_drivers.enabled = flag
 
     def set(self, target: Any, name: str, value: Any) -> None:
         old = target.__dict__.get(name, _MISSING) if isinstance(
@@ -191,6 +196,18 @@ class _Installation:
 
     def patch_class(self, cls: type, late: bool) -> None:
         replacements = self.replacements
+        method = cls.__dict__.get("get_async_dialect_cls")
+        if isinstance(method, classmethod) and not hasattr(
+            method.__func__, "__wrapped__"
+        ):
+            # sync drivers behind create_async_engine() (off unless enabled)
+            self.set(
+                cls,
+                "get_async_dialect_cls",
+                classmethod(
+                    _sync_drivers.wrap_get_async_dialect_cls(method.__func__)
+                ),
+            )
         for attr, value in list(cls.__dict__.items()):
             if isinstance(value, staticmethod):
                 func = value.__func__
@@ -290,7 +307,6 @@ def install(*, sync_drivers: bool = False) -> None:
         line = sqlalchemy_line()
         inst = _Installation()
         inst.line = line
-        inst.sync_drivers = False
         import sqlalchemy.util.concurrency as concurrency
         import sqlalchemy.util.queue as sqla_queue
 
@@ -311,7 +327,15 @@ def install(*, sync_drivers: bool = False) -> None:
             inst.replace(asyncio.tasks.current_task, _bridge.current_task)
             inst.set(asyncio, "current_task", _bridge.current_task)
             inst.set(asyncio.tasks, "current_task", _bridge.current_task)
+            import sqlalchemy.engine.default as default
+
+            inst.set(
+                default.DefaultDialect,
+                "connect",
+                _sync_drivers.wrap_connect(default.DefaultDialect.connect),
+            )
             inst.patch_loaded()
+            inst.set_sync_drivers(sync_drivers)
             inst.finder = _Finder(inst)
             sys.meta_path.insert(0, inst.finder)
         except BaseException:
@@ -330,6 +354,7 @@ def uninstall() -> None:
         if inst.finder is not None and inst.finder in sys.meta_path:
             sys.meta_path.remove(inst.finder)
         inst.restore()
+        _sync_drivers.enabled = False
 
 
 def _plan_lock(inst: _Installation, concurrency: Any) -> None:

@@ -1,0 +1,173 @@
+"""Plain sync DBAPI drivers behind ``create_async_engine()`` (opt-in).
+
+Once SQLAlchemy's sync code runs in worker threads, a blocking driver
+(sqlite3, psycopg, pymysql) can run right there: no event-loop hop per
+driver call at all.  ``install(sync_drivers=True)`` turns this on; without
+it, upstream's behaviour is kept exactly (``create_async_engine("sqlite://")``
+raises ``InvalidRequestError``, as SQLAlchemy's ``TextSyncDBAPI`` tests
+expect).
+
+How: ``create_async_engine()`` asks the URL's dialect class for
+``get_async_dialect_cls(url)``.  While sync drivers are enabled, a sync
+dialect answers with a subclass of itself (made once per class) that
+
+* says ``is_async = True``, so that ``AsyncEngine`` accepts it and the pool
+  is the loop-safe ``AsyncAdaptedQueuePool`` (whose waits are cancellable and
+  never block a worker that holds a connection);
+* uses one connection for a SQLite ``:memory:`` database (pool of 1, no
+  overflow): every worker sees the *same* database, one user at a time,
+  instead of one database per thread (upstream's ``SingletonThreadPool``);
+* turns off sqlite3's same-thread check, since a pooled connection is used
+  by different workers one after another (never at the same time);
+* tells the bridge that the call did its I/O, so that SQLAlchemy's
+  ``_require_await`` check (made for async drivers) does not fire.
+
+``postgresql+psycopg://`` normally resolves to the *async* psycopg dialect
+in ``create_async_engine()``; with sync drivers enabled it is the sync one
+(use ``postgresql+psycopg_async://`` for the async driver).
+
+An asyncio-only driver used under trio fails at its first connection with
+an error naming the sync-driver option (:func:`check_backend`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Dict, Type
+
+from . import _bridge
+
+enabled = False
+
+_lock = threading.Lock()
+_subclasses: Dict[type, type] = {}
+
+_MARK = "_sqla_anyio_shim_sync_driver"
+
+
+def is_sync_driver_dialect(dialect: Any) -> bool:
+    return bool(getattr(dialect, _MARK, False))
+
+
+def _is_sqlite_memory(cls: type, url: Any) -> bool:
+    if getattr(cls, "name", None) != "sqlite":
+        return False
+    is_file = getattr(cls, "_is_url_file_db", None)
+    if is_file is None:
+        return False
+    return not is_file(url)
+
+
+def sync_driver_dialect(cls: Type[Any]) -> Type[Any]:
+    """The sync-driver variant of the sync dialect class ``cls``."""
+    with _lock:
+        sub = _subclasses.get(cls)
+        if sub is not None:
+            return sub
+
+        from sqlalchemy import pool
+
+        class _OneConnectionPool(pool.AsyncAdaptedQueuePool):
+            """One connection, shared by every worker one at a time: a
+            SQLite ``:memory:`` database lives in its connection."""
+
+            def __init__(self, creator: Any, **kw: Any) -> None:
+                kw["pool_size"] = 1
+                kw["max_overflow"] = 0
+                super().__init__(creator, **kw)
+
+        def get_pool_class(subcls: Any, url: Any) -> Any:
+            if _is_sqlite_memory(cls, url):
+                return _OneConnectionPool
+            base = cls.get_pool_class(url)
+            if issubclass(base, pool.QueuePool) and not issubclass(
+                base, pool.AsyncAdaptedQueuePool
+            ):
+                return pool.AsyncAdaptedQueuePool
+            return base
+
+        def create_connect_args(self: Any, url: Any) -> Any:
+            cargs, cparams = cls.create_connect_args(self, url)
+            if cls.name == "sqlite":
+                # pooled connections move between workers (never shared at
+                # the same time): sqlite3's same-thread check must be off
+                cparams.setdefault("check_same_thread", False)
+            return cargs, cparams
+
+        def do_execute(self: Any, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
+            _bridge.note_sync_io()
+            cls.do_execute(self, cursor, statement, parameters, context)
+
+        def do_execute_no_params(self: Any, cursor: Any, statement: Any, context: Any = None) -> None:
+            _bridge.note_sync_io()
+            cls.do_execute_no_params(self, cursor, statement, context)
+
+        def do_executemany(self: Any, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
+            _bridge.note_sync_io()
+            cls.do_executemany(self, cursor, statement, parameters, context)
+
+        sub = type(
+            cls.__name__ + "_syncdriver",
+            (cls,),
+            {
+                "__module__": cls.__module__,
+                "__doc__": f"{cls.__name__} run by sqla-anyio-shim's "
+                "workers behind create_async_engine().",
+                _MARK: True,
+                "is_async": True,
+                # SQLAlchemy looks for this in the class's own __dict__; the
+                # subclass changes nothing that affects statement caching
+                "supports_statement_cache": cls.__dict__.get(
+                    "supports_statement_cache",
+                    getattr(cls, "supports_statement_cache", False),
+                ),
+                "get_pool_class": classmethod(get_pool_class),
+                "create_connect_args": create_connect_args,
+                "do_execute": do_execute,
+                "do_execute_no_params": do_execute_no_params,
+                "do_executemany": do_executemany,
+            },
+        )
+        _subclasses[cls] = sub
+        return sub
+
+
+def wrap_get_async_dialect_cls(original: Any) -> Any:
+    """Wrap a dialect's ``get_async_dialect_cls`` classmethod function."""
+
+    def get_async_dialect_cls(cls: Any, url: Any) -> Any:
+        if enabled:
+            dialect_cls = cls.get_dialect_cls(url)
+            if not dialect_cls.is_async:
+                return sync_driver_dialect(dialect_cls)
+        return original(cls, url)
+
+    get_async_dialect_cls.__wrapped__ = original  # type: ignore[attr-defined]
+    return get_async_dialect_cls
+
+
+def wrap_connect(original: Any) -> Any:
+    """Wrap ``DefaultDialect.connect`` with :func:`check_backend`."""
+
+    def connect(self: Any, *cargs: Any, **cparams: Any) -> Any:
+        check_backend(self)
+        return original(self, *cargs, **cparams)
+
+    connect.__wrapped__ = original  # type: ignore[attr-defined]
+    return connect
+
+
+def check_backend(dialect: Any) -> None:
+    """An asyncio-only driver under trio: fail at once, clearly."""
+    if (
+        dialect.is_async
+        and not is_sync_driver_dialect(dialect)
+        and _bridge.host_is_trio()
+    ):
+        raise _bridge._exc().InvalidRequestError(
+            f"The {dialect.driver!r} driver needs an asyncio event loop and "
+            "cannot run under trio. Under trio, use a sync DBAPI driver "
+            "through the shim's workers: sqla_anyio_shim.install("
+            "sync_drivers=True) and a URL such as 'sqlite:///file.db', "
+            "'postgresql+psycopg://...' or 'mysql+pymysql://...'."
+        )
