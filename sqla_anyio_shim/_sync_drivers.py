@@ -33,6 +33,7 @@ an error naming the sync-driver option (:func:`check_backend`).
 from __future__ import annotations
 
 import threading
+from collections import deque
 from typing import Any, Dict, Type
 
 from . import _bridge
@@ -56,6 +57,86 @@ def _is_sqlite_memory(cls: type, url: Any) -> bool:
     if is_file is None:
         return False
     return not is_file(url)
+
+
+class _BufferedCursor:
+    """A sync DBAPI cursor whose rows are fetched in the worker, at execute
+    time (what SQLAlchemy's ``AsyncAdapt_dbapi_cursor`` does for async
+    drivers): ``AsyncResult`` reads a buffered result on the event loop, and
+    that must never touch the driver there."""
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+        self._rows: "deque[Any]" = deque()
+
+    def __getattr__(self, name: str) -> Any:
+        # description, rowcount, lastrowid, arraysize, setinputsizes, ...
+        return getattr(self._cursor, name)
+
+    def _buffer(self) -> None:
+        cursor = self._cursor
+        self._rows = deque(cursor.fetchall()) if cursor.description else deque()
+
+    def execute(self, operation: Any, parameters: Any = None) -> Any:
+        if parameters is None:
+            result = self._cursor.execute(operation)
+        else:
+            result = self._cursor.execute(operation, parameters)
+        self._buffer()
+        return result
+
+    def executemany(self, operation: Any, seq_of_parameters: Any) -> Any:
+        result = self._cursor.executemany(operation, seq_of_parameters)
+        self._buffer()
+        return result
+
+    def fetchone(self) -> Any:
+        return self._rows.popleft() if self._rows else None
+
+    def fetchmany(self, size: Any = None) -> Any:
+        if size is None:
+            size = self._cursor.arraysize
+        rows = self._rows
+        return [rows.popleft() for _ in range(min(size, len(rows)))]
+
+    def fetchall(self) -> Any:
+        rows = list(self._rows)
+        self._rows.clear()
+        return rows
+
+    def close(self) -> None:
+        self._rows.clear()
+        self._cursor.close()
+
+    async def _async_soft_close(self) -> None:
+        # the rows are already buffered; nothing is left on the driver
+        return None
+
+
+def _execution_context(cls: Type[Any]) -> Type[Any]:
+    base = cls.execution_ctx_cls
+    sqlite = cls.name == "sqlite"
+
+    def create_default_cursor(self: Any) -> Any:
+        return _BufferedCursor(base.create_default_cursor(self))
+
+    def create_server_side_cursor(self: Any) -> Any:
+        if sqlite:
+            # sqlite3 steps a statement lazily: a plain cursor is the
+            # "server side" cursor, and AsyncResult fetches from it through
+            # greenlet_spawn(), in a worker
+            return self._dbapi_connection.cursor()
+        return base.create_server_side_cursor(self)
+
+    return type(
+        base.__name__ + "_syncdriver",
+        (base,),
+        {
+            "__module__": base.__module__,
+            "create_default_cursor": create_default_cursor,
+            "create_server_side_cursor": create_server_side_cursor,
+        },
+    )
 
 
 def sync_driver_dialect(cls: Type[Any]) -> Type[Any]:
@@ -126,6 +207,10 @@ def sync_driver_dialect(cls: Type[Any]) -> Type[Any]:
                 "do_execute": do_execute,
                 "do_execute_no_params": do_execute_no_params,
                 "do_executemany": do_executemany,
+                "execution_ctx_cls": _execution_context(cls),
+                "supports_server_side_cursors": True
+                if cls.name == "sqlite"
+                else cls.supports_server_side_cursors,
             },
         )
         _subclasses[cls] = sub
