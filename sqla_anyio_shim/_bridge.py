@@ -333,11 +333,24 @@ async def _drive_asyncio(
         if hook is not None:
             awaitable = hook(awaitable)
         if cancelled is not None:
-            _safe_close(awaitable)
-            error, cancelled = cancelled, None
-            call.send(None, error)
-            del error
-            continue
+            # deliver the cancellation that arrived while the sync code ran
+            # plain Python exactly as asyncio would have delivered it here:
+            # re-arm it on our task and await the awaitable, which then runs
+            # up to its first suspension and is cancelled there (so that,
+            # e.g., asyncio.shield() still starts its inner task, as it does
+            # under greenlet).  The count of cancel requests stays balanced.
+            task = call.task
+            if task is not None:
+                uncancel = getattr(task, "uncancel", None)
+                if uncancel is not None:
+                    uncancel()
+                task.cancel(*cancelled.args[:1])
+            else:  # pragma: no cover - greenlet_spawn always runs in a task
+                _safe_close(awaitable)
+                call.send(None, cancelled)
+                cancelled = None
+                continue
+            cancelled = None
         try:
             value = await awaitable
         except BaseException as err:

@@ -171,8 +171,9 @@ def sync_driver_dialect(cls: Type[Any]) -> Type[Any]:
             cargs, cparams = cls.create_connect_args(self, url)
             if cls.name == "sqlite":
                 # pooled connections move between workers (never shared at
-                # the same time): sqlite3's same-thread check must be off
-                cparams.setdefault("check_same_thread", False)
+                # the same time): sqlite3's same-thread check must be off,
+                # also for :memory:, where the dialect turns it on
+                cparams["check_same_thread"] = False
             return cargs, cparams
 
         def do_execute(self: Any, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:

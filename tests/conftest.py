@@ -1,0 +1,75 @@
+"""Shared fixtures: the shim is installed for the whole run, greenlet must
+be absent, and every applicable test runs on asyncio, asyncio+uvloop and
+trio through one ``anyio_backend`` fixture."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import threading
+from typing import Any, Iterator
+
+import pytest
+
+import sqla_anyio_shim
+from sqla_anyio_shim import _workers
+
+sqla_anyio_shim.install()
+
+BACKENDS = [
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(
+        ("asyncio", {"use_uvloop": True}),
+        id="asyncio+uvloop",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("uvloop") is None
+            and os.environ.get("CI") != "true",
+            reason="uvloop not installed",
+        ),
+    ),
+    pytest.param(("trio", {}), id="trio"),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def anyio_backend(request: Any) -> Any:
+    return request.param
+
+
+@pytest.fixture
+def asyncio_only(anyio_backend: Any) -> None:
+    """For tests that exercise an asyncio-only driver (aiosqlite)."""
+    if anyio_backend[0] != "asyncio":
+        pytest.skip("this scenario uses an asyncio-only driver")
+
+
+@pytest.fixture
+def sync_drivers() -> Iterator[None]:
+    sqla_anyio_shim.install(sync_drivers=True)
+    try:
+        yield
+    finally:
+        sqla_anyio_shim.install(sync_drivers=False)
+
+
+@pytest.fixture(autouse=True)
+def no_busy_workers() -> Iterator[None]:
+    """Leak check: every test leaves no worker with work in flight."""
+    yield
+    gc.collect()
+    busy = _workers.pool.busy
+    assert busy == 0, f"{busy} worker thread(s) still busy after the test"
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, what: str = "") -> None:
+    """Poll a condition owned by another thread, bounded by ``timeout``."""
+    event = threading.Event()
+    deadline = timeout
+    step = 0.01
+    waited = 0.0
+    while not predicate():
+        if waited >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        event.wait(step)
+        waited += step
