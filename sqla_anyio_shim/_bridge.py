@@ -7,15 +7,26 @@ It hands ``fn`` to a worker thread (:mod:`._workers`) and then runs a small
 message loop, exactly like the ``while not context.dead`` loop of upstream:
 
 1. The worker runs ``fn``.  When the sync code calls ``await_(aw)``, the
-   worker stores ``aw`` in the call's *outbox*, posts a one-way wake-up to
-   the loop (``call_soon_threadsafe`` / ``run_sync_soon``; never a blocking
-   round trip) and blocks on the call's reply lock.
-2. The host wakes up, awaits ``aw`` *itself*, inside its own task, cancel
-   scopes and context, and puts the value or the exception in the *inbox*,
-   then releases the reply lock.  The worker returns the value from
-   ``await_()`` or raises the exception there, with its traceback.
+   worker puts ``aw`` in the call's *outbox*, releases the call's ``ready``
+   lock and blocks on its ``reply`` lock.
+2. The host awaits ``aw`` *itself*, inside its own task, cancel scopes and
+   context, puts the value or the exception in the *inbox* and releases
+   ``reply``.  The worker returns the value from ``await_()`` or raises the
+   exception there, with its traceback.
 3. When ``fn`` returns or raises, the worker marks itself idle (so the next
-   call reuses it) and posts the outcome; ``greenlet_spawn()`` returns it.
+   call reuses it) and delivers the outcome; ``greenlet_spawn()`` returns it.
+
+The hand-off
+------------
+While the worker runs, the host first waits on ``ready`` *blocking its
+thread*, for at most :data:`handoff_timeout`: exactly one of the two threads
+runs at a time, as with greenlet (which runs the sync code on the loop
+thread, blocking the loop), and a hop costs two thread wake-ups with no
+event-loop iteration and no GIL contention.  If the sync code runs longer
+(a cold statement compile, a sync driver doing I/O), the host stops
+blocking and waits through the event loop instead; the worker then also
+posts a one-way wake-up (``call_soon_threadsafe`` / ``run_sync_soon``), so
+other tasks never stall behind a long stretch of sync code.
 
 Context variables
 -----------------
@@ -32,17 +43,23 @@ pointer comparison per hop.
 Cancellation
 ------------
 With greenlet, a task can only be cancelled where it is suspended, which is
-always at an ``await_()``.  Here the host is also suspended while the worker
-runs plain Python; a cancellation that arrives then cannot interrupt that
-Python code, so the host keeps waiting for the worker (no thread is ever
-abandoned with work in flight) and delivers the cancellation at the worker's
-next ``await_()`` -- the awaitable is closed unawaited and the cancellation
-exception is raised there, so SQLAlchemy's own cleanup runs, as it does with
-greenlet.  If the sync code finishes without another ``await_()``, the
-cancellation is raised when ``greenlet_spawn()`` returns.  On asyncio this is
-done by catching and re-delivering the ``CancelledError``; on trio the wait
-is uncancellable and trio's level-triggered cancellation lands at the next
-checkpoint by itself.
+always at an ``await_()``.  Here the host may also be suspended while the
+worker runs plain Python (past the blocking hand-off); a cancellation that
+arrives then cannot interrupt that Python code, and the host keeps waiting
+for the worker (no thread is ever abandoned with work in flight).
+
+* On asyncio the ``CancelledError`` is caught and re-armed on the task just
+  before the host awaits the worker's next awaitable, which then runs up to
+  its first suspension and is cancelled there, exactly as asyncio delivers a
+  cancel at an await point under greenlet; the sync code sees the
+  ``CancelledError`` at that ``await_()`` and SQLAlchemy's cleanup runs.  If
+  the sync code returns without another ``await_()``, the outcome is
+  returned and the cancellation lands at the caller's next await -- raising
+  it instead would lose the outcome (say, a connection just checked out),
+  something greenlet never does.
+* On trio the wait is uncancellable and trio's level-triggered cancellation
+  lands at the next checkpoint by itself: the next awaited awaitable, or the
+  caller's next checkpoint.
 """
 
 from __future__ import annotations
@@ -339,17 +356,7 @@ async def _drive_asyncio(
             # up to its first suspension and is cancelled there (so that,
             # e.g., asyncio.shield() still starts its inner task, as it does
             # under greenlet).  The count of cancel requests stays balanced.
-            task = call.task
-            if task is not None:
-                uncancel = getattr(task, "uncancel", None)
-                if uncancel is not None:
-                    uncancel()
-                task.cancel(*cancelled.args[:1])
-            else:  # pragma: no cover - greenlet_spawn always runs in a task
-                _safe_close(awaitable)
-                call.send(None, cancelled)
-                cancelled = None
-                continue
+            _rearm(call.task, cancelled)
             cancelled = None
         try:
             value = await awaitable
@@ -361,6 +368,16 @@ async def _drive_asyncio(
     return _finish(call, cancelled, switched, require_await)
 
 
+def _rearm(task: Any, cancelled: BaseException) -> None:
+    """Put a cancellation we caught (and so consumed) back on ``task``: it
+    is then delivered at the task's next suspension, with the same count of
+    cancel requests as before."""
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()
+    task.cancel(*cancelled.args[:1])
+
+
 def _finish(
     call: _Call,
     cancelled: Optional[BaseException],
@@ -369,18 +386,19 @@ def _finish(
 ) -> Any:
     error, call.error = call.error, None
     result, call.result = call.result, None
-    try:
-        if cancelled is not None:
-            # the cancellation arrived while the sync code ran its last
-            # stretch of plain Python: it lands here, at the next await
-            # point of the caller, and must not be lost
-            if error is not None:
-                raise cancelled from error
-            raise cancelled
-        if error is not None:
+    if cancelled is not None:
+        # the cancellation arrived while the sync code ran its last stretch
+        # of plain Python.  Under greenlet it could not have arrived before
+        # greenlet_spawn() returned, so it must not replace the outcome (a
+        # connection the sync code just checked out would be lost with the
+        # result): it lands at the caller's next await instead.
+        _rearm(call.task, cancelled)
+        del cancelled
+    if error is not None:
+        try:
             raise error
-    finally:
-        del error, cancelled
+        finally:
+            del error
     if require_await and not switched and not call.sync_io:
         raise _exc().AwaitRequired(AWAIT_REQUIRED_MESSAGE)
     return result
@@ -474,10 +492,9 @@ async def _greenlet_spawn_trio(
         else:
             call.send(value, None)
         del awaitable
-    if call.error is None:
-        # a cancellation that arrived while the sync code ran plain Python
-        # lands here, as at any trio checkpoint
-        await trio.lowlevel.checkpoint_if_cancelled()
+    # a cancellation that arrived while the sync code ran its last stretch
+    # of plain Python stays pending in trio's cancel scope and lands at the
+    # caller's next checkpoint: raising it here would lose the outcome
     return _finish(call, None, switched, require_await)
 
 
