@@ -338,8 +338,20 @@ async def _drive_asyncio(
                     await waiter
                 except _CancelledError as err:
                     # the worker is running plain Python and cannot be
-                    # interrupted; deliver this at its next await_()
+                    # interrupted
                     call.waiter = None
+                    if _is_anyio_cancellation(err):
+                        # level-triggered: anyio delivers it again at the
+                        # next await inside its scope, so it must not be
+                        # re-armed (it would escape the scope); wait out the
+                        # worker shielded, so that anyio does not retry on
+                        # every loop iteration meanwhile
+                        native = await _wait_shielded(call, loop)
+                        if native is not None:
+                            cancelled = native
+                        break
+                    # asyncio's own, edge-triggered: deliver it at the
+                    # worker's next await_() (or the caller's next await)
                     cancelled = err
             call.async_waiting = False
         awaitable = call.take()
@@ -366,6 +378,39 @@ async def _drive_asyncio(
             call.send(value, None)
         del awaitable
     return _finish(call, cancelled, switched, require_await)
+
+
+def _is_anyio_cancellation(err: BaseException) -> bool:
+    """Whether ``err`` was delivered by an anyio cancel scope (whose
+    messages start so; anyio's own ``is_anyio_cancellation`` checks the same,
+    including the ``__context__`` chain)."""
+    while isinstance(err, _CancelledError):
+        if err.args and isinstance(err.args[0], str) and err.args[0].startswith(
+            "Cancelled via cancel scope "
+        ):
+            return True
+        err = err.__context__  # type: ignore[assignment]
+    return False
+
+
+async def _wait_shielded(
+    call: _Call, loop: asyncio.AbstractEventLoop
+) -> Optional[BaseException]:
+    """Wait for the worker's next message inside a shielded anyio scope.
+    Returns a native asyncio cancellation that arrived meanwhile, if any."""
+    import anyio
+
+    native: Optional[BaseException] = None
+    with anyio.CancelScope(shield=True):
+        while not call.ready.acquire(False):
+            waiter = call.waiter = loop.create_future()
+            try:
+                await waiter
+            except _CancelledError as err:
+                call.waiter = None
+                if not _is_anyio_cancellation(err):
+                    native = err
+    return native
 
 
 def _rearm(task: Any, cancelled: BaseException) -> None:
