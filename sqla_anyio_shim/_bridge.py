@@ -358,9 +358,6 @@ async def _drive_asyncio(
         if awaitable is _DONE:
             break
         switched = True
-        hook = _await_hook
-        if hook is not None:
-            awaitable = hook(awaitable)
         if cancelled is not None:
             # deliver the cancellation that arrived while the sync code ran
             # plain Python exactly as asyncio would have delivered it here:
@@ -370,14 +367,23 @@ async def _drive_asyncio(
             # under greenlet).  The count of cancel requests stays balanced.
             _rearm(call.task, cancelled)
             cancelled = None
-        try:
-            value = await awaitable
-        except BaseException as err:
-            call.send(None, err)
-        else:
-            call.send(value, None)
+        await _serve(call, awaitable)
         del awaitable
     return _finish(call, cancelled, switched, require_await)
+
+
+async def _serve(call: _Call, awaitable: Any) -> None:
+    """Await one awaitable for the worker, in the host task, and send the
+    outcome back (both backends)."""
+    hook = _await_hook
+    if hook is not None:
+        awaitable = hook(awaitable)
+    try:
+        value = await awaitable
+    except BaseException as err:
+        call.send(None, err)
+    else:
+        call.send(value, None)
 
 
 def _is_anyio_cancellation(err: BaseException) -> bool:
@@ -527,15 +533,7 @@ async def _greenlet_spawn_trio(
         if awaitable is _DONE:
             break
         switched = True
-        hook = _await_hook
-        if hook is not None:
-            awaitable = hook(awaitable)
-        try:
-            value = await awaitable
-        except BaseException as err:
-            call.send(None, err)
-        else:
-            call.send(value, None)
+        await _serve(call, awaitable)
         del awaitable
     # a cancellation that arrived while the sync code ran its last stretch
     # of plain Python stays pending in trio's cancel scope and lands at the
