@@ -413,12 +413,10 @@ def _plan_20(inst: _Installation, concurrency: Any) -> None:
             inst.set(concurrency, name, replacement)
     _plan_lock(inst, concurrency)
     if not concurrency.have_greenlet:
+        runner = getattr(asyncio, "Runner", _Runner)
         inst.set(concurrency, "have_greenlet", True)
         inst.set(concurrency, "greenlet_error", None)
-        for name, value in (
-            ("_Runner", getattr(asyncio, "Runner", _Runner)),
-        ):
-            inst.set(concurrency, name, value)
+        inst.set(concurrency, "_Runner", runner)
         # _concurrency_py3k imports greenlet at module level; stand in for it
         if "sqlalchemy.util._concurrency_py3k" not in sys.modules:
             stand_in = types.ModuleType("sqlalchemy.util._concurrency_py3k")
@@ -426,23 +424,18 @@ def _plan_20(inst: _Installation, concurrency: Any) -> None:
                 "sqla-anyio-shim's stand-in for SQLAlchemy 2.0's greenlet "
                 "module: the same names, backed by the thread bridge."
             )
-            for name, value in {
-                "await_only": _bridge.await_,
-                "await_fallback": _bridge.await_fallback,
-                "greenlet_spawn": _bridge.greenlet_spawn,
-                "in_greenlet": _bridge.in_greenlet,
-                "is_exit_exception": _primitives.is_exit_exception,
-                "AsyncAdaptedLock": vars(concurrency)["AsyncAdaptedLock"]
-                if isinstance(vars(concurrency)["AsyncAdaptedLock"], type)
-                else inst.replacements[
-                    id(vars(concurrency)["AsyncAdaptedLock"])
-                ][1],
+            lock = vars(concurrency)["AsyncAdaptedLock"]
+            if not isinstance(lock, type):
+                lock = inst.replacements[id(lock)][1]
+            extra = {
+                "AsyncAdaptedLock": lock,
                 "_AsyncIoGreenlet": _bridge._Call,
-                "_Runner": getattr(asyncio, "Runner", _Runner),
+                "_Runner": runner,
                 "get_event_loop": _get_event_loop,
                 "_safe_cancel_awaitable": _bridge._safe_close,
                 "iscoroutine": asyncio.iscoroutine,
-            }.items():
+            }
+            for name, value in {**names, **extra}.items():
                 setattr(stand_in, name, value)
             sys.modules[stand_in.__name__] = stand_in
             inst.added_modules.append(stand_in.__name__)
