@@ -7,8 +7,10 @@ that lets ``sqlalchemy.ext.asyncio`` run here (``test_greenlet_is_absent``).
 
 Servers (``.ci/db_setup.sh`` prepares both)::
 
-    SQLA_SHIM_PG_URL     default postgresql://root@127.0.0.1:5432/test
-    SQLA_SHIM_MYSQL_URL  default mysql://root@127.0.0.1:3306/test
+    SQLA_SHIM_PG_URL     default postgresql://$SQLA_SHIM_PG_HOST/test
+    SQLA_SHIM_MYSQL_URL  default mysql://$SQLA_SHIM_MYSQL_HOST/test
+    SQLA_SHIM_PG_HOST    default root@127.0.0.1:5432 (as in tox.ini)
+    SQLA_SHIM_MYSQL_HOST default root@127.0.0.1:3306
 
 The driver part of the URL is replaced per parameter (``postgresql+asyncpg``
 and so on).  The user must be allowed to see and end other sessions of its
@@ -28,7 +30,8 @@ import importlib.util
 import os
 import tracemalloc
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Tuple
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import anyio
 import pytest
@@ -39,12 +42,19 @@ from sqlalchemy.pool import NullPool
 
 import sqla_anyio_shim
 
-PG_URL = os.environ.get("SQLA_SHIM_PG_URL", "postgresql://root@127.0.0.1:5432/test")
-MYSQL_URL = os.environ.get("SQLA_SHIM_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
+# the same host variables as tox.ini's conformance environments
+PG_URL = os.environ.get(
+    "SQLA_SHIM_PG_URL",
+    f"postgresql://{os.environ.get('SQLA_SHIM_PG_HOST', 'root@127.0.0.1:5432')}/test",
+)
+MYSQL_URL = os.environ.get(
+    "SQLA_SHIM_MYSQL_URL",
+    f"mysql://{os.environ.get('SQLA_SHIM_MYSQL_HOST', 'root@127.0.0.1:3306')}/test",
+)
 IN_CI = os.environ.get("CI") == "true"
 
 #: driver name -> (dialect+driver, module to import, base URL, backend)
-DRIVERS: Dict[str, Tuple[str, str, str, str]] = {
+DRIVERS: dict[str, tuple[str, str, str, str]] = {
     "asyncpg": ("postgresql+asyncpg", "asyncpg", PG_URL, "postgresql"),
     "psycopg_async": ("postgresql+psycopg_async", "psycopg", PG_URL, "postgresql"),
     "aiomysql": ("mysql+aiomysql", "aiomysql", MYSQL_URL, "mysql"),
@@ -87,7 +97,7 @@ class DB:
         drivername, self.module, base, self.backend = DRIVERS[name]
         self.name = name
         self.url = make_url(base).set(drivername=drivername)
-        self.engines: List[Any] = []
+        self.engines: list[Any] = []
 
     @property
     def is_pg(self) -> bool:
@@ -213,7 +223,7 @@ async def table(db: DB) -> AsyncIterator[sa.Table]:
                 await conn.run_sync(metadata.drop_all)
 
 
-async def _ids(engine: Any, t: sa.Table) -> List[int]:
+async def _ids(engine: Any, t: sa.Table) -> list[int]:
     async with engine.connect() as conn:
         result = await conn.execute(sa.select(t.c.id).order_by(t.c.id))
         return [row[0] for row in result]
@@ -357,7 +367,7 @@ async def test_cancel_long_query(db: DB) -> None:
     engine = db.engine(pool_size=2, max_overflow=0, connect_args=connect_args)
     admin = db.admin_engine()
     marker = f"shim-cancel-{uuid.uuid4().hex}"
-    session_ids: List[int] = []
+    session_ids: list[int] = []
     cancelled_at = finished_at = 0.0
 
     async def query_running() -> bool:
@@ -430,7 +440,9 @@ async def test_server_kills_connection_mid_transaction(
 
             async def gone() -> bool:
                 async with admin.connect() as a:
-                    return (await a.execute(db.session_alive_sql(session_id))).scalar() == 0
+                    return (
+                        await a.execute(db.session_alive_sql(session_id))
+                    ).scalar() == 0
 
             await _wait_until(gone, 5, "the server has ended the session")
             with pytest.raises(sa_exc.DBAPIError) as info:
@@ -488,23 +500,21 @@ async def test_savepoints(db: DB, table: sa.Table) -> None:
     to the savepoint and the outer transaction goes on."""
     engine = db.engine(pool_size=1, max_overflow=0)
     with anyio.fail_after(30):
-        async with engine.connect() as conn:
-            async with conn.begin():
-                await conn.execute(table.insert().values(id=1, task=0))
-                sp = await conn.begin_nested()
-                await conn.execute(table.insert().values(id=2, task=0))
-                await sp.rollback()
-                sp = await conn.begin_nested()
-                await conn.execute(table.insert().values(id=3, task=0))
-                await sp.commit()
-                with pytest.raises(ZeroDivisionError):
-                    async with conn.begin_nested():
-                        await conn.execute(table.insert().values(id=4, task=0))
-                        1 / 0
+        async with engine.connect() as conn, conn.begin():
+            await conn.execute(table.insert().values(id=1, task=0))
+            sp = await conn.begin_nested()
+            await conn.execute(table.insert().values(id=2, task=0))
+            await sp.rollback()
+            sp = await conn.begin_nested()
+            await conn.execute(table.insert().values(id=3, task=0))
+            await sp.commit()
+            with pytest.raises(LookupError):
                 async with conn.begin_nested():
-                    async with conn.begin_nested():
-                        await conn.execute(table.insert().values(id=5, task=0))
-                assert await conn.scalar(sa.select(sa.func.count()).select_from(table)) == 3
+                    await conn.execute(table.insert().values(id=4, task=0))
+                    raise LookupError("roll back to the savepoint")
+            async with conn.begin_nested(), conn.begin_nested():
+                await conn.execute(table.insert().values(id=5, task=0))
+            assert await conn.scalar(sa.select(sa.func.count()).select_from(table)) == 3
         assert await _ids(engine, table) == [1, 3, 5]
 
         # and all of it goes away with the outer transaction
@@ -574,7 +584,7 @@ async def test_run_sync_inspect(db: DB, table: sa.Table) -> None:
     from the worker thread, each one awaited by the calling task."""
     engine = db.engine(pool_size=1, max_overflow=0)
 
-    def reflect(sync_conn: Any) -> Tuple[List[str], List[Dict[str, Any]]]:
+    def reflect(sync_conn: Any) -> tuple[list[str], list[dict[str, Any]]]:
         insp = sa.inspect(sync_conn)
         return insp.get_table_names(), insp.get_columns(table.name)
 
