@@ -33,12 +33,12 @@ import pytest
 
 # tests that assert greenlet's own internals; node-id fragments and reasons
 GREENLET_INTERNAL_TESTS = {
-    "GreenletImportTests::test_concurrency_fn[greenlet_setup_in_ext]": (
+    "GreenletImportTests::test_concurrency_fn[greenlet_setup_in_ext": (
         "asserts that importing sqlalchemy.ext.asyncio imports the greenlet "
         "module ('greenlet' in sys.modules), in a fresh process without the "
         "shim"
     ),
-    "GreenletImportTests::test_concurrency_fn[greenlet_setup_on_call]": (
+    "GreenletImportTests::test_concurrency_fn[greenlet_setup_on_call": (
         "asserts that calling greenlet_spawn() imports the greenlet module "
         "('greenlet' in sys.modules), in a fresh process without the shim"
     ),
@@ -115,11 +115,18 @@ def pytest_configure(config: Any) -> None:
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(session: Any, config: Any, items: Any) -> None:
+def pytest_collection(session: Any) -> None:
+    # after SQLAlchemy's plugin has imported its harness (sessionstart) and
+    # before any test module is imported: some tests evaluate requirements
+    # at import time, in decorators
     _adapt_harness()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session: Any, config: Any, items: Any) -> None:
     for item in items:
         for fragment, reason in GREENLET_INTERNAL_TESTS.items():
-            if item.nodeid.endswith(fragment):
+            if fragment in item.nodeid:
                 item.add_marker(
                     pytest.mark.skip(
                         reason=f"greenlet internals (sqla-anyio-shim): {reason}"
