@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import _patching, _workers
+from . import _bridge, _patching, _workers
 from ._patching import UnsupportedSQLAlchemyVersion as UnsupportedSQLAlchemyVersion
 
 __all__ = [
@@ -33,6 +33,7 @@ def install(
     idle_timeout: float = 10.0,
     max_idle_workers: Optional[int] = None,
     sync_drivers: bool = False,
+    handoff_timeout: Optional[float] = 0.002,
 ) -> None:
     """Replace SQLAlchemy's greenlet helpers with the thread bridge.
 
@@ -52,14 +53,31 @@ def install(
     :param sync_drivers: let ``create_async_engine()`` accept plain sync
         DBAPI drivers (``sqlite://``, ``postgresql+psycopg://``,
         ``mysql+pymysql://``), which then run directly in the workers.
+    :param handoff_timeout: seconds the calling task blocks its event loop
+        waiting for the sync code to reach its next ``await_()`` (or to
+        finish) before it lets the loop run other tasks meanwhile.  Within
+        it a hop is a direct thread hand-off and the sync code is atomic
+        with respect to the loop, as under greenlet; past it, other tasks
+        run while the sync code does.  ``None`` blocks until the next
+        await point, exactly like greenlet (a sync driver's I/O then
+        stalls the loop, and sync code that waits for the loop deadlocks).
     :raises UnsupportedSQLAlchemyVersion: SQLAlchemy is not 2.0.x or 2.1.x.
     """
+    if handoff_timeout is not None and (
+        not isinstance(handoff_timeout, (int, float)) or handoff_timeout < 0
+    ):
+        raise ValueError(
+            "handoff_timeout must be a number of seconds >= 0 or None, "
+            f"got {handoff_timeout!r}"
+        )
     _workers.pool.configure(
         max_workers=max_workers,
         idle_timeout=idle_timeout,
         max_idle_workers=max_idle_workers,
     )
     _patching.install(sync_drivers=sync_drivers)
+    # threading.Lock.acquire(True, -1) waits without a bound
+    _bridge.handoff_timeout = -1 if handoff_timeout is None else handoff_timeout
 
 
 def uninstall() -> None:

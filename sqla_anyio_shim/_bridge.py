@@ -88,7 +88,8 @@ _await_hook: Optional[Callable[[Any], Any]] = None
 #: direct thread-to-thread switch with no event-loop iteration, and the loop
 #: is blocked exactly as it is while a greenlet runs sync code; past it, the
 #: host waits through the loop so that long stretches of sync code (or a
-#: sync driver's blocking I/O) never stall other tasks.  Set by install().
+#: sync driver's blocking I/O) never stall other tasks.  Set by install()
+#: (-1: no bound, the loop is blocked until the next await point).
 handoff_timeout = 0.002
 
 #: worker-thread state: ``_local.call`` is the :class:`_Call` running here

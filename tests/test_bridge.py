@@ -477,3 +477,78 @@ def test_outside_any_event_loop_error() -> None:
     coro = greenlet_spawn(lambda: None)
     with pytest.raises(RuntimeError, match="asyncio or trio event loop"):
         coro.send(None)
+
+
+async def test_pending_cancel_still_starts_shielded_cleanup(asyncio_only: None, anyio_backend: Any) -> None:
+    """Regression: a cancellation that arrives while the sync code runs plain
+    Python, followed by ``await_(asyncio.shield(coro))`` (what SQLAlchemy's
+    terminate() does), must still run ``coro`` -- greenlet starts the
+    shielded task; closing the awaitable unawaited skipped the graceful
+    close and leaked a "never awaited" warning."""
+    import asyncio
+
+    from sqla_anyio_shim._primitives import asyncio_proxy
+
+    started = threading.Event()
+    release = threading.Event()
+    ran: List[str] = []
+
+    async def graceful_close() -> None:
+        await asyncio.sleep(0.01)
+        ran.append("graceful close ran")
+
+    def sync() -> None:
+        started.set()
+        assert release.wait(10)
+        await_(asyncio_proxy.shield(graceful_close()))
+
+    task = asyncio.ensure_future(greenlet_spawn(sync))
+    with anyio.fail_after(10):
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(_bridge.handoff_timeout * 2)
+        task.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        while not ran:
+            await asyncio.sleep(0.005)
+    assert ran == ["graceful close ran"]
+
+
+async def test_unbounded_handoff_keeps_sync_code_atomic(anyio_backend: Any) -> None:
+    """install(handoff_timeout=None): the loop is blocked while the sync
+    code runs, as under greenlet, so no other task runs in between."""
+    import sqla_anyio_shim
+
+    ticks: List[int] = []
+    stop = anyio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            ticks.append(1)
+            await anyio.sleep(0)
+
+    def sync() -> int:
+        before = len(ticks)
+        threading.Event().wait(0.05)  # 25x the default hand-off
+        return len(ticks) - before
+
+    sqla_anyio_shim.install(handoff_timeout=None)
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ticker)
+                await anyio.sleep(0.01)
+                assert await greenlet_spawn(sync) == 0
+                stop.set()
+    finally:
+        sqla_anyio_shim.install()
+    assert _bridge.handoff_timeout == 0.002
+
+
+def test_bad_handoff_timeout() -> None:
+    import sqla_anyio_shim
+
+    with pytest.raises(ValueError, match="handoff_timeout must be"):
+        sqla_anyio_shim.install(handoff_timeout=-1)
