@@ -485,42 +485,56 @@ def _pg_url() -> str:
 
 
 async def test_trio_psycopg_sync_workload(anyio_backend: Any, sync_drivers: None) -> None:
-    """The 200-task workload with random cancellations on PostgreSQL through
-    psycopg's sync driver in the workers (issue: trio and sync drivers)."""
+    """The 200-task ORM workload with random cancellations on PostgreSQL
+    through psycopg's sync driver in the workers (pool of 10): every
+    committed row is there, nothing is checked out, the workers go idle."""
     pytest.importorskip("psycopg")
-    eng = create_async_engine(_pg_url(), pool_size=10, max_overflow=0, pool_timeout=60)
     table = f"shim_items_{os.getpid()}_{anyio_backend[0]}"
+
+    class PgBase(DeclarativeBase):
+        pass
+
+    class PgItem(PgBase):
+        __tablename__ = table
+        id: Mapped[int] = mapped_column(Integer, primary_key=True)
+        name: Mapped[str] = mapped_column(String(40))
+
+    eng = create_async_engine(_pg_url(), pool_size=10, max_overflow=0, pool_timeout=60)
     try:
         try:
             with anyio.fail_after(10):
                 async with eng.begin() as conn:
-                    await conn.exec_driver_sql(f"drop table if exists {table}")
-                    await conn.exec_driver_sql(f"create table {table} (id integer primary key)")
-        except (OSError, Exception) as err:  # noqa: B014
+                    await conn.run_sync(PgBase.metadata.drop_all)
+                    await conn.run_sync(PgBase.metadata.create_all)
+        except Exception as err:
             if os.environ.get("CI") == "true":
                 pytest.fail(f"PostgreSQL is needed in CI and is not reachable: {err}")
             pytest.skip(f"PostgreSQL not reachable: {err}")
+        Session = async_sessionmaker(eng, expire_on_commit=False)
         rnd = random.Random(99)
         timeouts = [rnd.choice([None, None, None, rnd.uniform(0.0, 0.01)]) for _ in range(200)]
         committed: List[int] = []
 
         async def one(i: int) -> None:
             with anyio.move_on_after(timeouts[i] if timeouts[i] is not None else 60):
-                async with eng.begin() as conn:
-                    await conn.exec_driver_sql(f"insert into {table} values ({i})")
-                committed.append(i)
+                async with Session() as session:
+                    session.add(PgItem(id=i, name="x"))
+                    await session.commit()
+                    committed.append(i)
+                    await session.get(PgItem, i)
 
         with anyio.fail_after(90):
             async with anyio.create_task_group() as tg:
                 for i in range(200):
                     tg.start_soon(one, i)
-        async with eng.connect() as conn:
-            ids = set((await conn.exec_driver_sql(f"select id from {table}")).scalars().all())
+        async with Session() as session:
+            ids = set((await session.scalars(select(PgItem.id))).all())
         assert set(committed) <= ids
         assert {i for i in range(200) if timeouts[i] is None} <= ids
         gc.collect()
         assert eng.pool.checkedout() == 0
+        wait_until(lambda: _workers.pool.busy == 0, 10, "workers to go idle")
         async with eng.begin() as conn:
-            await conn.exec_driver_sql(f"drop table if exists {table}")
+            await conn.run_sync(PgBase.metadata.drop_all)
     finally:
         await eng.dispose()
