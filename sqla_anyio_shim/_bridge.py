@@ -316,7 +316,7 @@ async def greenlet_spawn(
         call.task = _current_task(loop)
         worker = _workers.pool.try_acquire()
         if worker is None:
-            worker = await _wait_for_worker_asyncio(loop)
+            worker = await _wait_for_worker()
         call.worker = worker
         worker.submit(call.run)
         return await _drive_asyncio(call, loop, _require_await)
@@ -456,32 +456,25 @@ def _finish(
     return result
 
 
-async def _wait_for_worker_asyncio(
-    loop: asyncio.AbstractEventLoop,
-) -> _workers._Worker:
+async def _wait_for_worker() -> _workers._Worker:
+    """max_workers is reached: wait, without blocking the loop, for a worker
+    to come free (either backend)."""
+    from ._primitives import _Waiter
+
     pool = _workers.pool
     while True:
-        waiter = loop.create_future()
-
-        def wake(waiter: "asyncio.Future[None]" = waiter) -> None:
-            loop.call_soon_threadsafe(_set_result_unless_done, waiter)
-
-        worker = pool.add_waiter(wake)
+        waiter = _Waiter()
+        worker = pool.add_waiter(waiter.wake)
         if worker is not None:
             return worker
         try:
-            await waiter
+            await waiter.wait()
         except BaseException:
-            pool.remove_waiter(wake)
+            pool.remove_waiter(waiter.wake)
             raise
         worker = pool.try_acquire()
         if worker is not None:
             return worker
-
-
-def _set_result_unless_done(fut: "asyncio.Future[None]") -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 # -- trio ------------------------------------------------------------------
@@ -515,7 +508,7 @@ async def _greenlet_spawn_trio(
     pool = _workers.pool
     worker = pool.try_acquire()
     if worker is None:
-        worker = await _wait_for_worker_trio(trio, token)
+        worker = await _wait_for_worker()
     call.worker = worker
     worker.submit(call.run)
 
@@ -540,27 +533,6 @@ async def _greenlet_spawn_trio(
     # of plain Python stays pending in trio's cancel scope and lands at the
     # caller's next checkpoint: raising it here would lose the outcome
     return _finish(call, None, switched, require_await)
-
-
-async def _wait_for_worker_trio(trio: Any, token: Any) -> _workers._Worker:
-    pool = _workers.pool
-    while True:
-        event = trio.Event()
-
-        def wake(event: Any = event) -> None:
-            token.run_sync_soon(event.set)
-
-        worker = pool.add_waiter(wake)
-        if worker is not None:
-            return worker
-        try:
-            await event.wait()
-        except BaseException:
-            pool.remove_waiter(wake)
-            raise
-        worker = pool.try_acquire()
-        if worker is not None:
-            return worker
 
 
 def current_task(loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
