@@ -381,46 +381,50 @@ async def test_asyncio_driver_under_trio_fails_clearly(anyio_backend: Any, tmp_p
         await eng.dispose()
 
 
-@pytest.mark.parametrize("kind", ["sqlite-memory", "sqlite-file"])
-async def test_sync_driver_concurrent_workload_with_cancellations(
-    kind: str, tmp_path: Any, anyio_backend: Any, sync_drivers: None
-) -> None:
-    """200 tasks on a pool of 10 (1 connection for :memory:), a quarter of
-    them cancelled at random points with move_on_after: every committed row
-    is present, nothing else, nothing checked out, the workers go idle."""
-    kw = {} if kind == "sqlite-memory" else {"pool_size": 10, "max_overflow": 0}
-    eng = create_async_engine(_url(kind, tmp_path), pool_timeout=60, **kw)
-    async with eng.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
+async def _cancelling_orm_workload(eng: AsyncEngine, model: Any, seed: int) -> None:
+    """200 tasks, each adding one row and reading it back, about a quarter
+    cancelled at random points with move_on_after; then every committed row
+    is present, nothing is checked out and the workers go idle."""
     Session = async_sessionmaker(eng, expire_on_commit=False)
     committed: List[int] = []
-    rnd = random.Random(1234)
+    rnd = random.Random(seed)
     timeouts = [rnd.choice([None, None, None, rnd.uniform(0.0, 0.01)]) for _ in range(200)]
 
     async def one(i: int) -> None:
         with anyio.move_on_after(timeouts[i] if timeouts[i] is not None else 60):
             async with Session() as session:
-                session.add(Item(id=i, name="x"))
+                session.add(model(id=i, name="x"))
                 await session.commit()
                 committed.append(i)
                 # a read after the commit, to be cancelled too
-                await session.get(Item, i)
+                await session.get(model, i)
 
+    with anyio.fail_after(90):
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(one, i)
+    async with Session() as session:
+        ids = set((await session.scalars(select(model.id))).all())
+    # a task cancelled after COMMIT reached the database but before the
+    # append ran has its row present too; every appended one must be
+    assert set(committed) <= ids
+    assert {i for i in range(200) if timeouts[i] is None} <= ids
+    gc.collect()
+    assert eng.pool.checkedout() == 0
+    wait_until(lambda: _workers.pool.busy == 0, 10, "workers to go idle")
+
+
+@pytest.mark.parametrize("kind", ["sqlite-memory", "sqlite-file"])
+async def test_sync_driver_concurrent_workload_with_cancellations(
+    kind: str, tmp_path: Any, anyio_backend: Any, sync_drivers: None
+) -> None:
+    """The workload on a pool of 10 (1 connection for :memory:)."""
+    kw = {} if kind == "sqlite-memory" else {"pool_size": 10, "max_overflow": 0}
+    eng = create_async_engine(_url(kind, tmp_path), pool_timeout=60, **kw)
     try:
-        with anyio.fail_after(90):
-            async with anyio.create_task_group() as tg:
-                for i in range(200):
-                    tg.start_soon(one, i)
-        async with Session() as session:
-            ids = set((await session.scalars(select(Item.id))).all())
-        # a task cancelled after COMMIT reached the database but before the
-        # append ran has its row present too; every appended one must be
-        assert set(committed) <= ids
-        uncancelled = {i for i in range(200) if timeouts[i] is None}
-        assert uncancelled <= ids
-        gc.collect()
-        assert eng.pool.checkedout() == 0
-        wait_until(lambda: _workers.pool.busy == 0, 10, "workers to go idle")
+        async with eng.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        await _cancelling_orm_workload(eng, Item, seed=1234)
     finally:
         await eng.dispose()
 
@@ -510,30 +514,7 @@ async def test_trio_psycopg_sync_workload(anyio_backend: Any, sync_drivers: None
             if os.environ.get("CI") == "true":
                 pytest.fail(f"PostgreSQL is needed in CI and is not reachable: {err}")
             pytest.skip(f"PostgreSQL not reachable: {err}")
-        Session = async_sessionmaker(eng, expire_on_commit=False)
-        rnd = random.Random(99)
-        timeouts = [rnd.choice([None, None, None, rnd.uniform(0.0, 0.01)]) for _ in range(200)]
-        committed: List[int] = []
-
-        async def one(i: int) -> None:
-            with anyio.move_on_after(timeouts[i] if timeouts[i] is not None else 60):
-                async with Session() as session:
-                    session.add(PgItem(id=i, name="x"))
-                    await session.commit()
-                    committed.append(i)
-                    await session.get(PgItem, i)
-
-        with anyio.fail_after(90):
-            async with anyio.create_task_group() as tg:
-                for i in range(200):
-                    tg.start_soon(one, i)
-        async with Session() as session:
-            ids = set((await session.scalars(select(PgItem.id))).all())
-        assert set(committed) <= ids
-        assert {i for i in range(200) if timeouts[i] is None} <= ids
-        gc.collect()
-        assert eng.pool.checkedout() == 0
-        wait_until(lambda: _workers.pool.busy == 0, 10, "workers to go idle")
+        await _cancelling_orm_workload(eng, PgItem, seed=99)
         async with eng.begin() as conn:
             await conn.run_sync(PgBase.metadata.drop_all)
     finally:
