@@ -87,9 +87,6 @@ class _ConcurrencyShim:
     def _initialize(self, *, raise_: bool = True) -> None:
         return None
 
-    def _initialize_no_greenlet(self) -> None:
-        return None
-
 
 class _Runner:
     """asyncio.Runner for 2.0's harness on Python 3.10 (2.0 vendors one in

@@ -213,9 +213,5 @@ class WorkerPool:
         for worker in idle:
             worker.thread.join(timeout)
 
-    def threads(self) -> "list[threading.Thread]":
-        with self._lock:
-            return [w.thread for w in self._all]
-
 
 pool = WorkerPool()
