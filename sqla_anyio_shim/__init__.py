@@ -7,6 +7,12 @@
 After that, ``sqlalchemy.ext.asyncio`` runs SQLAlchemy's sync code in worker
 threads, and every ``await_()`` in it is awaited by the calling task through
 the event loop (asyncio or trio).  See ``docs/principle.md`` for how.
+
+PYTEST_DONT_REWRITE: this package holds no test assertions, and it is often
+imported before pytest starts (``sitecustomize``, ``python -m sqla_anyio_shim
+run -- pytest``, ``SQLA_ANYIO_SHIM=1``); without this marker pytest, which
+marks every package of a distribution with a ``pytest11`` entry point for
+assertion rewriting, warns "Module already imported so cannot be rewritten".
 """
 
 from __future__ import annotations
