@@ -68,13 +68,15 @@ import asyncio
 import contextvars
 import sys
 import threading
-from typing import Any, Awaitable, Callable, Optional, TypeVar
+import types
+from typing import Any, Awaitable, Callable, Dict, Optional, TypeVar
 
 from . import _workers
 
 _T = TypeVar("_T")
 
 _get_running_loop = asyncio._get_running_loop
+_set_running_loop = asyncio._set_running_loop
 _copy_context = contextvars.copy_context
 _CancelledError = asyncio.CancelledError
 _current_task = asyncio.current_task
@@ -91,6 +93,14 @@ _await_hook: Optional[Callable[[Any], Any]] = None
 #: sync driver's blocking I/O) never stall other tasks.  Set by install()
 #: (-1: no bound, the loop is blocked until the next await point).
 handoff_timeout = 0.002
+
+#: Whether every ``greenlet_spawn()`` on asyncio starts with a checkpoint
+#: (set while sync drivers are enabled).  A sync driver's query runs in the
+#: worker and never suspends the task, so without it a task looping on
+#: queries would hold the loop, and a cancellation pending on it (a
+#: deadline) would not be delivered before its next statement or commit.
+#: Under trio every call is a checkpoint (trio's own convention).
+checkpoint_calls = False
 
 #: worker-thread state: ``_local.call`` is the :class:`_Call` running here
 _local = threading.local()
@@ -118,12 +128,31 @@ def _exc() -> Any:
     return exc
 
 
-def _apply_context(source: contextvars.Context) -> None:
-    """Set, in the current context, every variable whose value in
-    ``source`` differs."""
+def _apply_context(
+    source: contextvars.Context, tokens: Dict[contextvars.ContextVar[Any], Any]
+) -> None:
+    """Make the current context agree with ``source``: set every variable
+    whose value in ``source`` differs, and remove the variables that
+    ``source`` no longer has.
+
+    A variable can only be removed with the Token of the ``set()`` that
+    gave it its first value *in this context*, so ``tokens`` keeps the
+    tokens of the sets done here on variables that had no value: a variable
+    the other side set and then reset (a before/after hook pair) is unset
+    here again, as it is in greenlet's one shared context."""
     for var, value in source.items():
         if var.get(_MISSING) is not value:
-            var.set(value)
+            token = var.set(value)
+            if token.old_value is contextvars.Token.MISSING:
+                tokens[var] = token
+    if tokens:
+        for var in [var for var in tokens if var not in source]:
+            token = tokens.pop(var)
+            if var.get(_MISSING) is not _MISSING:
+                try:
+                    var.reset(token)
+                except (RuntimeError, ValueError):
+                    pass  # used already, or the context changed: keep it
 
 
 def _safe_close(awaitable: Any) -> None:
@@ -155,6 +184,12 @@ class _Call:
         "loop",
         "task",
         "sync_io",
+        "cancel_count",
+        "host_tokens",
+        "worker_tokens",
+        "thread_id",
+        "interrupt",
+        "loop_thread",
     )
 
     def __init__(
@@ -168,6 +203,14 @@ class _Call:
         self.loop = loop
         self.task: Any = None
         self.sync_io = False
+        self.cancel_count = 0
+        self.host_tokens: Dict[contextvars.ContextVar[Any], Any] = {}
+        self.worker_tokens: Dict[contextvars.ContextVar[Any], Any] = {}
+        self.thread_id = 0
+        # created by the host, on the loop thread
+        self.loop_thread = threading.get_ident()
+        # KeyboardInterrupt / SystemExit that hit the host while it waited
+        self.interrupt: Optional[BaseException] = None
         self.worker: Any = None
         self.fn = fn
         self.args = args
@@ -193,12 +236,22 @@ class _Call:
 
     def run(self) -> None:
         _local.call = self
+        self.thread_id = threading.get_ident()
+        loop = self.loop
+        if loop is not None:
+            # asyncio.get_running_loop() / get_event_loop() / create_task()
+            # in the sync code see the host's loop, as on greenlet's loop
+            # thread; every call that is not thread-safe hops to the loop
+            # thread (see _LoopProxy)
+            _set_running_loop(_LoopProxy(loop, self.loop_thread))
         try:
             self.result = self.context.run(self.fn, *self.args, **self.kwargs)
         except BaseException as err:
             self.error = err
         finally:
             _local.call = None
+            if loop is not None:
+                _set_running_loop(None)
             # drop what the job referenced before anything else can wait on
             # this thread
             self.fn = self.args = self.kwargs = None
@@ -225,10 +278,10 @@ class _Call:
         value, error, snapshot = self.inbox
         self.inbox = None
         if snapshot is not None:
-            _apply_context(snapshot)
+            _apply_context(snapshot, self.worker_tokens)
         if error is not None:
             try:
-                raise error
+                _reraise(error)
             finally:
                 del error
         return value
@@ -249,7 +302,7 @@ class _Call:
         message, self.outbox = self.outbox, None
         context = self.context
         if _copy_context() != context:
-            _apply_context(context)
+            _apply_context(context, self.host_tokens)
         return message
 
     def wakeup(self) -> None:
@@ -264,6 +317,118 @@ class _Call:
                 import trio
 
                 trio.lowlevel.reschedule(waiter)
+
+
+class _OnLoop:
+    """An awaitable the worker hands to the host to run ``fn`` *on the loop
+    thread*, synchronously, inside the host task (its context, its loop):
+    the thread analogue of sync code calling a loop API on greenlet's loop
+    thread.  It never suspends, so it is not a cancellation point."""
+
+    __slots__ = ("fn", "args", "kwargs")
+
+    def __init__(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+
+    def __await__(self) -> Any:
+        return self.fn(*self.args, **self.kwargs)
+        yield  # pragma: no cover -- makes this a generator
+
+
+def run_on_loop_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Call ``fn`` on the host's event-loop thread when called from a bridge
+    worker whose host runs asyncio; call it here otherwise."""
+    call = getattr(_local, "call", None)
+    if call is None or call.loop is None:
+        return fn(*args, **kwargs)
+    return call.switch(_OnLoop(fn, args, kwargs))  # type: ignore[no-any-return]
+
+
+def on_loop_thread(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """Wrap ``fn`` (a driver's non-thread-safe sync call, such as asyncpg's
+    ``terminate()``) so that, from a worker, it runs on the loop thread."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> _T:
+        return run_on_loop_thread(fn, *args, **kwargs)
+
+    wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
+    wrapper.__name__ = getattr(fn, "__name__", "wrapper")
+    wrapper.__qualname__ = getattr(fn, "__qualname__", "wrapper")
+    wrapper.__doc__ = getattr(fn, "__doc__", None)
+    return wrapper
+
+
+# loop methods that are thread-safe or read-only: called directly
+_THREADSAFE_LOOP_METHODS = frozenset(
+    {
+        "call_soon_threadsafe",
+        "time",
+        "is_running",
+        "is_closed",
+        "get_debug",
+        "get_task_factory",
+        "get_exception_handler",
+    }
+)
+
+
+class _LoopProxy:
+    """What ``asyncio.get_running_loop()`` returns in a worker whose host
+    runs an asyncio loop.
+
+    Under greenlet the sync code runs on the loop thread, so it may call any
+    loop method.  From a worker, methods that are not thread-safe
+    (``call_soon``, ``create_task``, ``create_future``, ...) hop to the loop
+    thread and run there inside the host task, synchronously, returning
+    their result; thread-safe ones are called directly.  Used from the loop
+    thread itself, it is the loop.  Used from any other thread (the proxy
+    kept past the call and handed to a foreign thread), a non-thread-safe
+    method raises a RuntimeError naming the limitation, instead of
+    corrupting the loop."""
+
+    __slots__ = ("_loop", "_loop_thread")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, loop_thread: int) -> None:
+        self._loop = loop
+        self._loop_thread = loop_thread
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._loop, name)
+        if not callable(attr) or name in _THREADSAFE_LOOP_METHODS:
+            return attr
+        loop_thread = self._loop_thread
+        if threading.get_ident() == loop_thread:
+            return attr
+        loop = self._loop
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            call = getattr(_local, "call", None)
+            if call is not None and call.loop is loop:
+                return call.switch(_OnLoop(attr, args, kwargs))
+            if threading.get_ident() == loop_thread:
+                return attr(*args, **kwargs)
+            raise RuntimeError(
+                f"loop.{name}() was called from a thread that is neither the "
+                "event loop's nor a sqla-anyio-shim worker serving it (the "
+                "loop object was obtained in sync code and kept past the "
+                "call); use loop.call_soon_threadsafe() from other threads"
+            )
+
+        method.__name__ = name
+        return method
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _LoopProxy):
+            other = other._loop
+        return other is self._loop
+
+    def __hash__(self) -> int:
+        return hash(self._loop)
+
+    def __repr__(self) -> str:
+        return f"<sqla-anyio-shim worker view of {self._loop!r}>"
 
 
 def in_greenlet() -> bool:
@@ -302,6 +467,13 @@ def await_fallback(awaitable: Awaitable[_T]) -> _T:
     return call.switch(awaitable)  # type: ignore[no-any-return]
 
 
+@types.coroutine
+def _yield() -> Any:
+    """One trip through the asyncio loop (``asyncio.sleep(0)`` without the
+    call): other tasks run, and a pending cancellation is delivered here."""
+    yield
+
+
 async def greenlet_spawn(
     fn: Callable[..., _T],
     *args: Any,
@@ -312,6 +484,8 @@ async def greenlet_spawn(
     :func:`await_` it performs is awaited by the calling task."""
     loop = _get_running_loop()
     if loop is not None:
+        if checkpoint_calls:
+            await _yield()
         call = _Call(fn, args, kwargs, loop.call_soon_threadsafe, loop)
         call.task = _current_task(loop)
         worker = _workers.pool.try_acquire()
@@ -350,10 +524,13 @@ async def _drive_asyncio(
                         native = await _wait_shielded(call, loop)
                         if native is not None:
                             cancelled = native
+                            call.cancel_count = _cancelling(call.task)
                         break
                     # asyncio's own, edge-triggered: deliver it at the
-                    # worker's next await_() (or the caller's next await)
+                    # worker's next await_() (or, see _defer, once the task
+                    # next suspends)
                     cancelled = err
+                    call.cancel_count = _cancelling(call.task)
             call.async_waiting = False
         awaitable = call.take()
         if awaitable is _DONE:
@@ -377,7 +554,7 @@ async def _serve(call: _Call, awaitable: Any) -> None:
     """Await one awaitable for the worker, in the host task, and send the
     outcome back (both backends)."""
     hook = _await_hook
-    if hook is not None:
+    if hook is not None and not isinstance(awaitable, _OnLoop):
         awaitable = hook(awaitable)
     try:
         value = await awaitable
@@ -420,6 +597,13 @@ async def _wait_shielded(
     return native
 
 
+def _cancelling(task: Any) -> int:
+    """The task's count of pending cancel requests (0 before Python 3.11,
+    which does not count them)."""
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling() if cancelling is not None else 0
+
+
 def _rearm(task: Any, cancelled: BaseException) -> None:
     """Put a cancellation we caught (and so consumed) back on ``task``: it
     is then delivered at the task's next suspension, with the same count of
@@ -443,17 +627,79 @@ def _finish(
         # of plain Python.  Under greenlet it could not have arrived before
         # greenlet_spawn() returned, so it must not replace the outcome (a
         # connection the sync code just checked out would be lost with the
-        # result): it lands at the caller's next await instead.
-        _rearm(call.task, cancelled)
+        # result): it is requested again once this step of the task is
+        # over, unless its requester withdrew it meanwhile (see _defer).
+        _defer(call.task, call.loop, cancelled, call.cancel_count)
         del cancelled
     if error is not None:
         try:
-            raise error
+            _reraise(error)
         finally:
             del error
     if require_await and not switched and not call.sync_io:
         raise _exc().AwaitRequired(AWAIT_REQUIRED_MESSAGE)
     return result
+
+
+def _reraise(error: BaseException) -> Any:
+    """Raise ``error`` (which came from another thread) as it is.
+
+    A ``raise`` statement inside an ``except`` block of the caller would
+    set the caller's exception as ``error.__context__`` ("During handling
+    of the above exception, another exception occurred"), which greenlet,
+    propagating the sync code's exception through a switch, never does."""
+    context = error.__context__
+    try:
+        raise error
+    except BaseException:
+        error.__context__ = context
+        raise
+    finally:
+        del error, context
+
+
+def _defer(
+    task: Any,
+    loop: Any,
+    cancelled: BaseException,
+    count: int,
+) -> None:
+    """Request again, at the next loop iteration, a native asyncio
+    cancellation that arrived while the sync code ran plain Python and that
+    the sync code finished without reaching another await point.
+
+    Under greenlet the canceller (a timer, another task) could not have run
+    before the task's next suspension, because the sync code ran on the
+    loop thread.  So:
+
+    * if the task finishes before it next suspends, the cancellation must
+      not end it (its result, say a connection just checked out, would be
+      dropped): the task is done by the next iteration, nothing happens;
+    * if the requester withdraws it first -- ``asyncio.timeout()`` /
+      ``wait_for()`` leaving their block call ``task.uncancel()`` -- it must
+      not escape the block: the count of cancel requests has dropped below
+      the one we saw, nothing happens;
+    * otherwise it is delivered where the task next suspends, as greenlet
+      would have delivered it.
+    """
+    args = cancelled.args[:1]
+    if loop is None:
+        return
+
+    def redeliver() -> None:
+        if task.done():
+            return
+        cancelling = getattr(task, "cancelling", None)
+        if cancelling is not None:
+            if cancelling() < count:
+                return  # withdrawn by its requester
+            task.uncancel()  # keep the count balanced: re-request, not add
+        task.cancel(*args)
+
+    try:
+        loop.call_soon(redeliver)
+    except RuntimeError:
+        pass  # the loop is closed: nothing left to cancel
 
 
 async def _wait_for_worker() -> _workers._Worker:
@@ -504,6 +750,10 @@ async def _greenlet_spawn_trio(
             "greenlet_spawn() must be awaited in a task of an asyncio or "
             "trio event loop (sqla-anyio-shim supports both through anyio)"
         )
+    # a checkpoint, as every trio async function is: a cancelled scope
+    # stops here before any sync code runs, and a task looping on queries
+    # lets the others run
+    await trio.lowlevel.checkpoint()
     call = _Call(fn, args, kwargs, token.run_sync_soon, None)
     pool = _workers.pool
     worker = pool.try_acquire()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.abc
+import inspect
 import importlib.machinery
 import sys
 import threading
@@ -129,6 +130,40 @@ def _get_event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.get_event_loop_policy().get_event_loop()
 
 
+def _trampoline(target: str, is_async: bool) -> types.CodeType:
+    """The code of a function forwarding everything to
+    ``sqla_anyio_shim._bridge.<target>``, looked up at each call (the code
+    runs with the globals of the SQLAlchemy module it is swapped into, so it
+    may only use builtins)."""
+    if is_async:
+        source = (
+            "async def trampoline(*args, **kwargs):\n"
+            "    import sys\n"
+            "    bridge = sys.modules['sqla_anyio_shim._bridge']\n"
+            f"    return await bridge.{target}(*args, **kwargs)\n"
+        )
+    else:
+        source = (
+            "def trampoline(*args, **kwargs):\n"
+            "    import sys\n"
+            "    bridge = sys.modules['sqla_anyio_shim._bridge']\n"
+            f"    return bridge.{target}(*args, **kwargs)\n"
+        )
+    namespace: Dict[str, Any] = {}
+    exec(compile(source, f"<sqla-anyio-shim: {target}>", "exec"), namespace)
+    return namespace["trampoline"].__code__  # type: ignore[no-any-return]
+
+
+# the helpers whose original function objects are swapped to the bridge
+_SWAP_TARGETS = {
+    "await_": "await_",
+    "await_only": "await_",
+    "await_fallback": "await_fallback",
+    "greenlet_spawn": "greenlet_spawn",
+    "in_greenlet": "in_greenlet",
+}
+
+
 class _Installation:
     """The record of one install(): every attribute changed, to undo."""
 
@@ -142,10 +177,15 @@ class _Installation:
         self.added_modules: List[str] = []
         self.sync_drivers = False
         self.finder: Optional[_Finder] = None
+        # (function, its original __code__): see swap_code()
+        self.codes: List[Tuple[Any, Any]] = []
 
     def set_sync_drivers(self, flag: bool) -> None:
         self.sync_drivers = flag
         _sync_drivers.enabled = flag
+        # a sync driver's query never suspends the task: each
+        # greenlet_spawn() is then a checkpoint (fairness, cancellation)
+        _bridge.checkpoint_calls = flag
 
     def set(self, target: Any, name: str, value: Any) -> None:
         old = target.__dict__.get(name, _MISSING) if isinstance(
@@ -159,6 +199,27 @@ class _Installation:
             return
         self.replacements[id(original)] = (original, replacement)
         self.originals[id(replacement)] = original
+
+    def swap_code(self, original: Any, target: str) -> None:
+        """Make the *function object* ``original`` call the bridge's
+        ``target``, by giving it a trampoline's code.
+
+        Rebinding names (replace()) covers every module that looks the
+        helpers up through SQLAlchemy's modules; a user module that did
+        ``from sqlalchemy.util import greenlet_spawn, await_only`` before
+        install() holds the original function objects themselves, which
+        would still try to use greenlet.  With the code swapped they reach
+        the installed bridge too; uninstall() puts the code back."""
+        if not isinstance(original, types.FunctionType) or original.__closure__:
+            return
+        if any(func is original for func, _ in self.codes):
+            return
+        trampoline = _trampoline(target, inspect.iscoroutinefunction(original))
+        names = {"co_name": original.__code__.co_name}
+        if sys.version_info >= (3, 11):
+            names["co_qualname"] = original.__code__.co_qualname
+        self.codes.append((original, original.__code__))
+        original.__code__ = trampoline.replace(**names)
 
     # -- walking modules ----------------------------------------------------
 
@@ -225,6 +286,9 @@ class _Installation:
             self.patch_module(module, late=False)
 
     def restore(self) -> None:
+        for func, code in reversed(self.codes):
+            func.__code__ = code
+        self.codes.clear()
         for target, name, old in reversed(self.undo):
             if old is _MISSING:
                 try:
@@ -352,6 +416,7 @@ def uninstall() -> None:
             sys.meta_path.remove(inst.finder)
         inst.restore()
         _sync_drivers.enabled = False
+        _bridge.checkpoint_calls = False
 
 
 def _plan_lock(inst: _Installation, concurrency: Any) -> None:
@@ -385,6 +450,8 @@ def _plan_21(inst: _Installation, concurrency: Any) -> None:
         original = vars(concurrency).get(name)
         if original is not None:
             inst.replace(original, replacement)
+            if name in _SWAP_TARGETS:
+                inst.swap_code(original, _SWAP_TARGETS[name])
     inst.replace(concurrency._concurrency_shim, _ConcurrencyShim())
     _plan_lock(inst, concurrency)
 
@@ -406,6 +473,8 @@ def _plan_20(inst: _Installation, concurrency: Any) -> None:
         original = vars(concurrency).get(name)
         if original is not None:
             inst.replace(original, replacement)
+            if name in _SWAP_TARGETS:
+                inst.swap_code(original, _SWAP_TARGETS[name])
         else:
             inst.set(concurrency, name, replacement)
     _plan_lock(inst, concurrency)

@@ -1,0 +1,554 @@
+"""Correctness at the edges, where greenlet never fails (issue 12): each test
+names its scenario and asserts what greenlet does.
+
+Deterministic by construction: the sync code blocks on a ``threading.Event``
+that a *loop* callback sets after the deadline's own timer (timers fire in
+time order), so "the deadline passed while plain Python ran" is certain, not
+hoped for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import sys
+import threading
+from typing import Any, List
+
+import anyio
+import pytest
+from sqlalchemy import Column, Integer, String, event, func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import declarative_base
+from sqlalchemy.util import concurrency
+
+from sqla_anyio_shim import _bridge
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+greenlet_spawn = concurrency.greenlet_spawn
+await_ = getattr(concurrency, "await_", None) or concurrency.await_only
+
+HAS_TIMEOUT = hasattr(asyncio, "timeout")
+
+
+def _release_after(event: threading.Event, delay: float) -> None:
+    """Set ``event`` from a loop timer ``delay`` seconds from now."""
+    asyncio.get_running_loop().call_later(delay, event.set)
+
+
+# -- scenario 2: a cancellation must not escape asyncio.timeout / wait_for --
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_timeout_firing_during_last_plain_python_stays_in_scope(anyio_backend: Any) -> None:
+    """Scenario 2: the timer of ``asyncio.timeout`` fires while the sync code
+    runs its last stretch of plain Python (after its last await_).  greenlet:
+    the timer cannot fire then, the call returns normally, and no
+    CancelledError hits the task outside the block."""
+    if not HAS_TIMEOUT:
+        pytest.skip("asyncio.timeout() is new in Python 3.11 (wait_for is tested below)")
+    release = threading.Event()
+
+    def sync() -> str:
+        await_(asyncio.sleep(0))
+        assert release.wait(10)  # plain Python outliving the deadline
+        return "rows"
+
+    task = asyncio.current_task()
+    assert task is not None
+    _release_after(release, 0.1)
+    async with asyncio.timeout(0.02):
+        result = await greenlet_spawn(sync)
+    assert result == "rows"
+    # no cancellation escapes the block: the next suspension is undisturbed
+    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)
+    assert task.cancelling() == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_wait_for_firing_during_last_plain_python_returns_result(anyio_backend: Any) -> None:
+    """Scenario 2 through ``asyncio.wait_for`` (its own task on Python < 3.12,
+    a timeout block after): greenlet returns the call's result."""
+    release = threading.Event()
+
+    def sync() -> str:
+        await_(asyncio.sleep(0))
+        assert release.wait(10)
+        return "rows"
+
+    _release_after(release, 0.1)
+    assert await asyncio.wait_for(greenlet_spawn(sync), 0.02) == "rows"
+    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)
+    task = asyncio.current_task()
+    if hasattr(task, "cancelling"):
+        assert task.cancelling() == 0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_task_cancel_during_plain_python_lands_at_next_suspension(anyio_backend: Any) -> None:
+    """The other side of scenario 2: a plain ``task.cancel()`` that nobody
+    withdraws is still delivered, at the task's next suspension."""
+    started = threading.Event()
+    release = threading.Event()
+    events: List[str] = []
+
+    def sync() -> str:
+        started.set()
+        assert release.wait(10)
+        return "done"
+
+    async def victim() -> None:
+        events.append(await greenlet_spawn(sync))
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            events.append("cancelled at the next suspension")
+            raise
+
+    task = asyncio.ensure_future(victim())
+    while not started.is_set():
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(_bridge.handoff_timeout * 2 if _bridge.handoff_timeout > 0 else 0.01)
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert events == ["done", "cancelled at the next suspension"]
+
+
+# -- scenario 3: a task finishing with a cancellation pending keeps its result
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_task_finishing_after_late_cancel_keeps_result(anyio_backend: Any) -> None:
+    """Scenario 3: a task whose last greenlet_spawn() was cancelled during
+    plain Python and which then returns without suspending ends with its
+    result (greenlet: the canceller could not run before it finished), so a
+    resource it returns is not dropped."""
+    started = threading.Event()
+    release = threading.Event()
+
+    def sync() -> str:
+        started.set()
+        assert release.wait(10)
+        return "connection"
+
+    task = asyncio.ensure_future(greenlet_spawn(sync))
+    while not started.is_set():
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.01)
+    task.cancel()
+    release.set()
+    assert await asyncio.wait_for(task, 10) == "connection"
+    assert not task.cancelled()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_connect_cancelled_during_checkout_hook_loses_no_connection(
+    anyio_backend: Any, tmp_path: Any
+) -> None:
+    """Scenario 3 with SQLAlchemy: ``create_task(engine.connect().start())``
+    cancelled while a checkout hook runs, and ``wait_for(engine.connect(),
+    t)`` timing out there: the connection is returned to the caller (or the
+    task's result) and never left checked out."""
+    eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/c.db", pool_size=2)
+    in_hook = threading.Event()
+    release = threading.Event()
+
+    @event.listens_for(eng.sync_engine, "checkout")
+    def slow_checkout(*args: Any) -> None:
+        in_hook.set()
+        assert release.wait(10)
+
+    try:
+        task = asyncio.ensure_future(eng.connect().start())
+        while not in_hook.is_set():
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)
+        task.cancel()
+        release.set()
+        conn = await asyncio.wait_for(task, 10)
+        assert eng.pool.checkedout() == 1  # type: ignore[attr-defined]
+        await conn.close()
+        assert eng.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+        in_hook.clear()
+        release.clear()
+        _release_after(release, 0.1)
+        conn = await asyncio.wait_for(eng.connect(), 0.02)
+        assert (await conn.scalar(text("select 1"))) == 1
+        await conn.close()
+        assert eng.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        release.set()
+        await eng.dispose()
+
+
+# -- scenario 1: sync drivers must not write after a deadline ---------------
+
+
+Base = declarative_base()
+
+
+class Row(Base):  # type: ignore[misc, valid-type]
+    __tablename__ = "edge_rows"
+    id = Column(Integer, primary_key=True)
+    label = Column(String(20))
+
+
+async def _count(url: str) -> int:
+    eng = create_async_engine(url)
+    try:
+        async with eng.connect() as conn:
+            return int(await conn.scalar(select(func.count()).select_from(Row)))
+    finally:
+        await eng.dispose()
+
+
+async def test_sync_driver_deadline_stops_before_next_statement(
+    anyio_backend: Any, sync_drivers: None, tmp_path: Any
+) -> None:
+    """Scenario 1: with a sync driver, a deadline that passes while a
+    statement runs in the worker takes effect before the next statement:
+    the second insert and the commit are never issued, nothing is written
+    (an async driver under greenlet is cancelled at that await point)."""
+    url = f"sqlite:///{tmp_path}/s1.db"
+    eng = create_async_engine(url)
+    async with eng.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    release = threading.Event()
+    statements: List[str] = []
+
+    @event.listens_for(eng.sync_engine, "before_cursor_execute")
+    def log(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement.split()[0].upper())
+
+    def slow(sync_conn: Any) -> None:
+        assert release.wait(10)  # a long statement, past the deadline
+
+    try:
+        with anyio.move_on_after(0.05) as scope:
+            async with eng.connect() as conn:
+                await conn.execute(Row.__table__.insert().values(label="first"))
+                # a loop timer releases the "statement" after the deadline
+                _arm_release(release, 0.2)
+                await conn.run_sync(slow)
+                await conn.execute(Row.__table__.insert().values(label="second"))
+                await conn.commit()
+        assert scope.cancelled_caught
+        assert statements.count("INSERT") == 1, statements
+        assert eng.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        release.set()
+        await eng.dispose()
+    assert await _count(url) == 0
+
+
+def _arm_release(event_: threading.Event, delay: float) -> None:
+    """Set ``event_`` after ``delay`` seconds of the event loop's clock, on
+    either backend (a loop timer, so it orders after an earlier deadline)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is not None:
+        loop.call_later(delay, event_.set)
+        return
+    import trio
+
+    # trio has no call_later: a system task sleeping on trio's clock
+    async def later() -> None:
+        await trio.sleep(delay)
+        event_.set()
+
+    trio.lowlevel.spawn_system_task(later)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sync_driver_asyncio_timeout_stops_before_commit(
+    anyio_backend: Any, sync_drivers: None, tmp_path: Any
+) -> None:
+    """Scenario 1 with ``asyncio.timeout`` / ``wait_for`` (native asyncio
+    cancellation): TimeoutError, and neither row is committed."""
+    url = f"sqlite:///{tmp_path}/s1b.db"
+    eng = create_async_engine(url)
+    async with eng.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    release = threading.Event()
+
+    async def work() -> None:
+        async with eng.connect() as conn:
+            await conn.execute(Row.__table__.insert().values(label="first"))
+            _release_after(release, 0.2)
+            await conn.run_sync(lambda c: release.wait(10))
+            await conn.execute(Row.__table__.insert().values(label="second"))
+            await conn.commit()
+
+    try:
+        with pytest.raises((asyncio.TimeoutError, TimeoutError)):
+            await asyncio.wait_for(work(), 0.05)
+        assert eng.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        release.set()
+        await eng.dispose()
+    assert await _count(url) == 0
+
+
+async def test_sync_driver_already_cancelled_scope_writes_nothing(
+    anyio_backend: Any, sync_drivers: None, tmp_path: Any
+) -> None:
+    """Scenario 1, trio's form: a scope already cancelled before
+    ``execute(insert)`` + ``commit()`` writes nothing (each call is a
+    checkpoint)."""
+    url = f"sqlite:///{tmp_path}/s1c.db"
+    eng = create_async_engine(url)
+    async with eng.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    try:
+        async with eng.connect() as conn:
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await conn.execute(Row.__table__.insert().values(label="x"))
+                await conn.commit()
+            assert scope.cancelled_caught
+        assert eng.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await eng.dispose()
+    assert await _count(url) == 0
+
+
+async def test_sync_driver_query_loop_lets_others_run_and_meets_deadline(
+    anyio_backend: Any, sync_drivers: None, tmp_path: Any
+) -> None:
+    """Fairness (issue 10): a task looping on sync-driver queries inside a
+    deadline lets a sleeping task run and stops at its deadline, instead of
+    holding the loop until the loop ends by itself."""
+    eng = create_async_engine(f"sqlite:///{tmp_path}/fair.db")
+    ticks: List[float] = []
+    queries = 0
+    stop = anyio.Event()
+
+    async def sleeper() -> None:
+        while not stop.is_set():
+            await anyio.sleep(0.005)
+            ticks.append(anyio.current_time())
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sleeper)
+            async with eng.connect() as conn:
+                with anyio.move_on_after(0.2) as scope:
+                    # bounded: without checkpoints this would run to the end
+                    for _ in range(200_000):
+                        await conn.execute(text("select 1"))
+                        queries += 1
+            stop.set()
+        assert scope.cancelled_caught, "the deadline never took effect"
+        assert queries < 200_000
+        # the sleeper ran while the queries looped (not only afterwards)
+        assert len(ticks) >= 5, ticks
+    finally:
+        await eng.dispose()
+
+
+# -- scenario 11: no spurious __context__ ------------------------------------
+
+
+async def test_no_spurious_exception_context(anyio_backend: Any) -> None:
+    """Scenario 11: sync code raising while the caller is inside an
+    ``except`` block gives a plain exception (greenlet: no "During handling
+    of the above exception..." pointing at the caller's exception); the
+    same for an awaitable failing while the sync code is in an except."""
+
+    def raises() -> None:
+        raise ValueError("from sync code")
+
+    try:
+        raise KeyError("caller's")
+    except KeyError:
+        with pytest.raises(ValueError) as info:
+            await greenlet_spawn(raises)
+    assert info.value.__context__ is None
+
+    async def failing() -> None:
+        await anyio.sleep(0)
+        raise ValueError("from the awaitable")
+
+    def sync() -> BaseException:
+        try:
+            raise KeyError("sync code's")
+        except KeyError:
+            try:
+                await_(failing())
+            except ValueError as err:
+                return err
+        raise AssertionError("not raised")
+
+    err = await greenlet_spawn(sync)
+    assert err.__context__ is None
+
+
+# -- scenario 6: context variables set and reset across a hop ---------------
+
+_var: contextvars.ContextVar[str] = contextvars.ContextVar("_var")
+
+
+async def test_var_set_and_reset_in_sync_code_is_gone_for_the_task(anyio_backend: Any) -> None:
+    """Scenario 6: a variable with no value, set then reset by the sync code
+    around an await_() (a before/after_cursor_execute hook pair), is unset
+    again for the task afterwards, as in greenlet's one shared context."""
+
+    def sync() -> None:
+        token = _var.set("in hook")
+        await_(anyio.sleep(0))
+        _var.reset(token)
+
+    await greenlet_spawn(sync)
+    assert _var.get("unset") == "unset"
+
+
+async def test_var_set_and_reset_by_task_is_gone_for_sync_code(anyio_backend: Any) -> None:
+    """Scenario 6, the other way: a variable with no value that the task
+    sets at one await_() and resets at a later one is unset again for the
+    sync code."""
+    tokens: List[Any] = []
+
+    async def task_sets() -> None:
+        await anyio.sleep(0)
+        tokens.append(_var.set("in task"))
+
+    async def task_resets() -> None:
+        await anyio.sleep(0)
+        _var.reset(tokens.pop())
+
+    def sync() -> List[str]:
+        await_(task_sets())
+        seen = [_var.get("unset")]
+        await_(task_resets())
+        seen.append(_var.get("unset"))
+        return seen
+
+    assert await greenlet_spawn(sync) == ["in task", "unset"]
+    assert _var.get("unset") == "unset"
+
+
+async def test_var_changes_both_ways_in_one_call(anyio_backend: Any) -> None:
+    """Values flow both ways on every hop and removals too, over several hops."""
+
+    async def task_side(value: str) -> str:
+        seen = _var.get("unset")
+        _var.set(value)
+        return seen
+
+    def sync() -> List[str]:
+        seen = [await_(task_side("a"))]
+        token = _var.set("b")
+        seen.append(await_(task_side("c")))
+        seen.append(_var.get("unset"))
+        _var.reset(token)  # back to "a"? no: to what it was before set("b")
+        seen.append(_var.get("unset"))
+        return seen
+
+    token = _var.set("start")
+    try:
+        seen = await greenlet_spawn(sync)
+        assert seen == ["start", "b", "c", "a"]
+        assert _var.get() == "a"
+    finally:
+        _var.reset(token)
+
+
+# -- scenario 9: loop APIs from sync code -----------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_loop_apis_from_sync_code(anyio_backend: Any, tmp_path: Any) -> None:
+    """Scenario 9: in an ``after_commit`` listener (sync code),
+    ``asyncio.get_running_loop()``, ``asyncio.get_event_loop()`` and
+    ``asyncio.create_task()`` work as under greenlet, and a captured
+    ``loop.call_soon()`` runs its callback on the loop thread (debug mode
+    accepts it)."""
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+    eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/l.db")
+    seen: List[Any] = []
+    done = asyncio.Event()
+
+    async def background() -> None:
+        seen.append(("task ran on", threading.get_ident() == loop_thread))
+        done.set()
+
+    @event.listens_for(eng.sync_engine, "commit")
+    def after_commit(conn: Any) -> None:
+        running = asyncio.get_running_loop()
+        seen.append(("same loop time", abs(running.time() - loop.time()) < 5))
+        seen.append(("get_event_loop", asyncio.get_event_loop() is running))
+        running.call_soon(lambda: seen.append(("call_soon on loop thread", threading.get_ident() == loop_thread)))
+        task = asyncio.create_task(background())
+        seen.append(("create_task", isinstance(task, asyncio.Task)))
+
+    old_debug = loop.get_debug()
+    loop.set_debug(True)
+    try:
+        async with eng.begin() as conn:
+            await conn.execute(text("select 1"))
+        await asyncio.wait_for(done.wait(), 10)
+        await asyncio.sleep(0)
+    finally:
+        loop.set_debug(old_debug)
+        await eng.dispose()
+    assert sorted(seen) == sorted(
+        [
+            ("same loop time", True),
+            ("get_event_loop", True),
+            ("create_task", True),
+            ("call_soon on loop thread", True),
+            ("task ran on", True),
+        ]
+    ), seen
+
+
+# -- scenario 12: names bound before install() ------------------------------
+
+
+def test_names_bound_before_install_reach_the_bridge() -> None:
+    """Scenario 12: a module that did ``from sqlalchemy.util import
+    greenlet_spawn, await_only`` before install() (holding the original
+    function objects) still reaches the installed bridge."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import asyncio, sys
+        from sqlalchemy.util import greenlet_spawn
+        from sqlalchemy.util.concurrency import in_greenlet
+        try:
+            from sqlalchemy.util import await_only as early_await
+        except ImportError:
+            from sqlalchemy.util import await_ as early_await
+        import sqla_anyio_shim
+        sqla_anyio_shim.install()
+
+        async def add():
+            await asyncio.sleep(0)
+            return 41
+
+        def sync():
+            assert in_greenlet()
+            return early_await(add()) + 1
+
+        assert asyncio.run(greenlet_spawn(sync)) == 42
+        assert not in_greenlet()
+        sqla_anyio_shim.uninstall()
+        print("ok", "greenlet" in sys.modules)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok", "False"]
