@@ -3,6 +3,13 @@
 Run it as ``python benchmarks/bench.py [options]`` or load this file by path
 and call :func:`main` (``python -m sqla_anyio_shim bench`` does that).
 
+Cell groups (``--cells``, default all): ``classic`` is this module's
+database x workload x concurrency grid (issue 6, described below); ``reuse``,
+``scale``, ``cpu``, ``fairness`` and ``hops`` are the hand-off cells of
+issue 10, in ``bench_cells.py``.  ``--merge results.json`` keeps the groups
+of an earlier run that this run does not re-measure, so one group can be
+re-run and RESULTS.md re-rendered whole.
+
 Variants (per database)
 -----------------------
 ``greenlet``   upstream: greenlet + async driver (``sqla_anyio_shim.uninstall()``)
@@ -51,7 +58,9 @@ perf_counter = time.perf_counter
 # ---------------------------------------------------------------------------
 
 DEFAULT_PG_URL = os.environ.get(
-    "BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"
+    "BENCH_PG_URL",
+    # as tox.ini and tests/test_databases.py: SQLA_SHIM_PG_HOST, default root
+    f"postgresql://{os.environ.get('SQLA_SHIM_PG_HOST', 'root@127.0.0.1:5432')}/test",
 )
 DEFAULT_SQLITE_PATH = os.environ.get(
     "BENCH_SQLITE_PATH", "/tmp/sqla_anyio_shim_bench/bench.db"
@@ -311,6 +320,17 @@ def setup_database(db: str, args: Any, sizes: Sizes) -> str:
             c.execute(text("VACUUM ANALYZE bench_items"))
     engine.dispose()
     return str(version)
+
+
+_SETUP: Dict[str, str] = {}
+
+
+def ensure_database(db: str, args: Any, sizes: Sizes) -> str:
+    """:func:`setup_database` once per database and run (all groups share
+    the data)."""
+    if db not in _SETUP:
+        _SETUP[db] = setup_database(db, args, sizes)
+    return _SETUP[db]
 
 
 def truncate_writes(db: str, args: Any) -> None:
@@ -793,11 +813,34 @@ def run_rss_probes(db: str, args: Any, concurrency: int) -> Dict[str, Dict[str, 
 # ---------------------------------------------------------------------------
 
 
+ALL_GROUPS = ("classic", "reuse", "scale", "cpu", "fairness", "hops")
+
+
+def parse_groups(spec: str) -> List[str]:
+    names = [g.strip() for g in spec.split(",") if g.strip()]
+    if names == ["all"]:
+        return list(ALL_GROUPS)
+    bad = [g for g in names if g not in ALL_GROUPS]
+    if bad or not names:
+        raise SystemExit(
+            f"--cells: unknown group(s) {', '.join(bad) or '(none)'}; "
+            f"choose from {', '.join(ALL_GROUPS)} or all"
+        )
+    return [g for g in ALL_GROUPS if g in names]
+
+
 def parse_args(argv: List[str]) -> Any:
     p = argparse.ArgumentParser(
         prog="bench", description="greenlet vs sqla-anyio-shim benchmarks"
     )
     p.add_argument("--quick", action="store_true", help="tiny counts: prove every variant and workload runs")
+    p.add_argument("--cells", default="all", help="comma-separated cell groups: " + ",".join(ALL_GROUPS) + " (default all)")
+    p.add_argument("--merge", default=None, metavar="JSON", help="keep the groups of this earlier --json that this run does not measure")
+    p.add_argument("--cpu-python", default=None, help="interpreter for the cpu cells (default $BENCH_CPU_PYTHON or this one), e.g. a 3.14t venv's python")
+    p.add_argument("--variants", default=None, help="hand-off cells: only variants whose key contains one of these (comma-separated), e.g. for profiling")
+    p.add_argument("--reuse-tasks", default=None, help="task counts of the reuse cells (default 1,100,1000)")
+    p.add_argument("--scale-tasks", default=None, help="task counts of the scale cells (default 1000,5000,20000)")
+    p.add_argument("--cpu-tasks", default=None, help="task counts of the cpu cells (default 1,8)")
     p.add_argument("--out", default=None, help="write RESULTS.md here")
     p.add_argument("--plot", default=None, help="write the ratios PNG here")
     p.add_argument("--json", default=None, help="write the raw results here")
@@ -815,6 +858,9 @@ def parse_args(argv: List[str]) -> Any:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # bench_cells.py imports this module as "bench": one copy, whichever way
+    # it was loaded (script, or python -m sqla_anyio_shim bench)
+    sys.modules.setdefault("bench", sys.modules[__name__])
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.probe_variant:
         return rss_probe(args)
@@ -831,15 +877,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_start = perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     commit = git_describe()
-    log(f"sqla-anyio-shim benchmarks ({'quick' if args.quick else 'full'}): dbs={dbs} concurrency={concurrencies}")
+    groups = parse_groups(args.cells)
+    log(f"sqla-anyio-shim benchmarks ({'quick' if args.quick else 'full'}): cells={','.join(groups)} dbs={dbs} concurrency={concurrencies}")
 
     all_cells: List[Cell] = []
     probes: Dict[str, Dict[str, Any]] = {}
     server_versions: Dict[str, str] = {}
     failed: List[str] = []
-    for db in dbs:
+    for db in dbs if "classic" in groups else []:
         try:
-            server_versions[db] = setup_database(db, args, sizes)
+            server_versions[db] = ensure_database(db, args, sizes)
         except Exception as err:
             failed.append(f"{db}: setup failed: {type(err).__name__}: {err}")
             log(f"{db}: setup failed: {err}")
@@ -853,6 +900,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.no_rss_probe:
             pc = max(concurrencies)
             probes[db] = {"concurrency": pc, "results": run_rss_probes(db, args, pc)}
+
+    group_data: Dict[str, Any] = {}
+    new_groups = [g for g in groups if g != "classic"]
+    if new_groups:
+        import bench_cells  # noqa: E402  (sibling module, see _import_report)
+
+        group_data = bench_cells.run_groups(args, new_groups, sizes, dbs, failed)
+        for g in group_data.values():
+            g["meta"]["commit"] = commit
+        server_versions.update({db: v for db, v in _SETUP.items() if db not in server_versions})
 
     elapsed = perf_counter() - t_start
     unavailable: List[str] = []
@@ -885,8 +942,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "rss_probes": probes,
         "variants": {
             db: [(v.key, v.baseline) for v in variants_for(db)] for db in dbs
-        },
+        } if "classic" in groups else {},
+        "groups": group_data,
     }
+    if args.merge:
+        data = merge_results(args.merge, data, groups)
     import bench_report  # noqa: E402  (sibling module, see _import_report)
 
     if args.json:
@@ -963,6 +1023,23 @@ def collect_meta(
     }
 
 
+def merge_results(path: str, data: Dict[str, Any], groups: List[str]) -> Dict[str, Any]:
+    """``data`` (this run) plus every group of the earlier run at ``path``
+    that this run did not measure."""
+    with open(path) as f:
+        old = json.load(f)
+    if "classic" not in groups:
+        # the classic sections describe their own run: keep its meta too
+        for key in ("meta", "cells", "rss_probes", "variants"):
+            if key in old:
+                data[key] = old[key]
+    merged = dict(old.get("groups", {}))
+    merged.update(data.get("groups", {}))
+    data["groups"] = merged
+    log(f"merged with {path}: groups from this run: {', '.join(groups)}")
+    return data
+
+
 def git_describe() -> str:
     """HEAD of the checkout, and whether the package has local changes."""
     root = os.path.dirname(HERE)
@@ -977,6 +1054,12 @@ def git_describe() -> str:
         ).stdout.strip()
     except Exception:
         return "?"
+    import sqla_anyio_shim
+
+    pkg = os.path.dirname(os.path.abspath(sqla_anyio_shim.__file__))
+    if os.path.realpath(pkg) != os.path.realpath(os.path.join(root, "sqla_anyio_shim")):
+        # an installed copy or an export: say which code was measured
+        return f"sqla_anyio_shim from {pkg} (checkout HEAD: {head})"
     return head + (" (+ uncommitted changes in sqla_anyio_shim/)" if dirty else "")
 
 
