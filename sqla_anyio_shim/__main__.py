@@ -1,9 +1,11 @@
-"""Command line: ``python -m sqla_anyio_shim [walkthrough|conformance|bench]``.
+"""Command line: ``python -m sqla_anyio_shim [walkthrough|conformance|bench|run]``.
 
 * no argument / ``walkthrough``: the Core and ORM walk-through on embedded
   SQLite (asyncio + aiosqlite, trio + sqlite3 in the workers), greenlet-free;
 * ``conformance``: SQLAlchemy's own asyncio suite on the shim vs greenlet;
-* ``bench``: the benchmark runner (``benchmarks/bench.py`` of a checkout).
+* ``bench``: the benchmark runner (``benchmarks/bench.py`` of a checkout);
+* ``run [OPTIONS] -- TARGET [ARGS]``: run a program (``-m MODULE``, a script,
+  a console script such as ``uvicorn`` or ``pytest``) under the shim.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 
-def _bench(argv: List[str]) -> int:
+def _bench(argv: list[str]) -> int:
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
     if not script.is_file():
         print(
@@ -31,7 +32,7 @@ def _bench(argv: List[str]) -> int:
     return int(module.main(argv))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     command = args.pop(0) if args and not args[0].startswith("-") else "walkthrough"
     if command == "walkthrough":
@@ -44,8 +45,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return conformance(args)
     if command == "bench":
         return _bench(args)
+    if command == "run":
+        from ._launcher import main as run
+
+        return run(args)
     print(
-        f"unknown command {command!r}; use walkthrough, conformance or bench",
+        f"unknown command {command!r}; use walkthrough, conformance, bench or run",
         file=sys.stderr,
     )
     return 2
