@@ -266,6 +266,17 @@ class _Installation:
                     _sync_drivers.wrap_get_async_dialect_cls(method.__func__)
                 ),
             )
+        force_close = cls.__dict__.get("_terminate_force_close")
+        if isinstance(force_close, types.FunctionType) and not hasattr(
+            force_close, "__wrapped__"
+        ):
+            # an async driver's sync "terminate now" (asyncpg's
+            # terminate(), aiomysql's close(), aiosqlite's stop()) touches
+            # the driver's transport and loop, which only the loop thread
+            # may do; SQLAlchemy calls it from sync code when a graceful
+            # close fails or is cancelled -- on greenlet's loop thread, in
+            # a worker here: run it on the loop thread
+            self.set(cls, "_terminate_force_close", _bridge.on_loop_thread(force_close))
         for attr, value in list(cls.__dict__.items()):
             if isinstance(value, staticmethod):
                 func = value.__func__

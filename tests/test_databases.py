@@ -599,3 +599,74 @@ async def test_run_sync_inspect(db: DB, table: sa.Table) -> None:
         assert isinstance(by_name["note"]["type"], sa.String)
         assert by_name["note"]["type"].length == 50
         await _checked_in(engine)
+
+
+# -- issue 12, scenario 10: the driver's force close runs on the loop thread --
+
+
+async def test_asyncpg_force_close_from_sync_code_runs_on_loop_thread(anyio_backend: str) -> None:
+    """Scenario 10: when a graceful close fails or is cancelled, SQLAlchemy
+    calls the adapted connection's ``_terminate_force_close()`` (asyncpg's
+    ``terminate()``) from sync code.  Under greenlet that is the loop
+    thread; here it must not run on the worker: with asyncio debug mode on,
+    a transport touched from another thread raises "Non-thread-safe
+    operation", and the server connection is left open.  Assert it runs on
+    the loop thread and the server session is gone."""
+    import asyncio
+    import threading
+
+    from sqlalchemy.util import concurrency
+
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        _unavailable("asyncpg is not installed")
+    db = DB("asyncpg")
+    marker = f"edge10_{os.getpid()}"
+    eng = db.engine(connect_args={"server_settings": {"application_name": marker}})
+    admin = db.admin_engine()
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+    ran_on: list[int] = []
+    try:
+        with anyio.fail_after(CONNECT_TIMEOUT):
+            conn = await eng.connect()
+    except (OSError, asyncio.TimeoutError, TimeoutError, sa.exc.OperationalError) as err:
+        _unavailable(f"PostgreSQL unreachable: {err}")
+    old_debug = loop.get_debug()
+    loop.set_debug(True)
+    try:
+        raw = await conn.get_raw_connection()
+        adapted = raw.dbapi_connection
+
+        asyncpg_cls = type(adapted._connection)
+        real_terminate = asyncpg_cls.terminate
+
+        def spy(self: Any) -> None:
+            ran_on.append(threading.get_ident())
+            real_terminate(self)
+
+        def force_close() -> None:
+            # what AsyncAdapt_terminate.terminate() does in sync code when
+            # the graceful close fails or is cancelled
+            adapted._terminate_force_close()
+
+        asyncpg_cls.terminate = spy
+        try:
+            await concurrency.greenlet_spawn(force_close)
+        finally:
+            asyncpg_cls.terminate = real_terminate
+        await conn.invalidate()
+        await conn.close()
+    finally:
+        loop.set_debug(old_debug)
+    assert ran_on == [loop_thread]
+    count_sql = sa.text(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = :m"
+    ).bindparams(m=marker)
+    with anyio.fail_after(10):
+        async with admin.connect() as watcher:
+            while await watcher.scalar(count_sql):
+                await anyio.sleep(0.05)
+    assert eng.pool.checkedout() == 0
+    await eng.dispose()
