@@ -190,6 +190,9 @@ class _Call:
         "thread_id",
         "interrupt",
         "loop_thread",
+        "state",
+        "user_running",
+        "injected",
     )
 
     def __init__(
@@ -209,6 +212,10 @@ class _Call:
         self.thread_id = 0
         # created by the host, on the loop thread
         self.loop_thread = threading.get_ident()
+        # guards user_running / injected (see _inject)
+        self.state = threading.Lock()
+        self.user_running = False
+        self.injected = False
         # KeyboardInterrupt / SystemExit that hit the host while it waited
         self.interrupt: Optional[BaseException] = None
         self.worker: Any = None
@@ -245,7 +252,11 @@ class _Call:
             # thread (see _LoopProxy)
             _set_running_loop(_LoopProxy(loop, self.loop_thread))
         try:
-            self.result = self.context.run(self.fn, *self.args, **self.kwargs)
+            self.enter_user()
+            try:
+                self.result = self.context.run(self.fn, *self.args, **self.kwargs)
+            finally:
+                self.leave_user()
         except BaseException as err:
             self.error = err
         finally:
@@ -261,6 +272,20 @@ class _Call:
         _workers.pool.release(worker)
         self.deliver(_DONE)
 
+    def enter_user(self) -> None:
+        with self.state:
+            self.user_running = True
+
+    def leave_user(self) -> None:
+        """The worker leaves the caller's code for the bridge's: an
+        interrupt injected but not raised yet is withdrawn (it is delivered
+        at the await_() instead, by the host)."""
+        with self.state:
+            self.user_running = False
+            if self.injected:
+                self.injected = False
+                _set_async_exc(_c_thread_id(self.thread_id), None)
+
     def deliver(self, message: Any) -> None:
         self.outbox = message
         self.ready.release()
@@ -273,8 +298,10 @@ class _Call:
     def switch(self, awaitable: Any) -> Any:
         """``await_()`` in the worker: hand ``awaitable`` to the host and
         block until it has been awaited."""
+        self.leave_user()
         self.deliver(awaitable)
         self.reply.acquire()
+        self.enter_user()
         value, error, snapshot = self.inbox
         self.inbox = None
         if snapshot is not None:
@@ -504,7 +531,7 @@ async def _drive_asyncio(
     cancelled: Optional[BaseException] = None
     ready = call.ready
     while True:
-        if not ready.acquire(True, handoff_timeout):
+        if not _acquire_blocking(call, ready):
             # the sync code runs longer than a hand-off: let the loop run
             call.async_waiting = True
             while not ready.acquire(False):
@@ -515,6 +542,13 @@ async def _drive_asyncio(
                     # the worker is running plain Python and cannot be
                     # interrupted
                     call.waiter = None
+                    if _interrupted_by(err) is not None:
+                        # the loop is being torn down by a Ctrl-C (the
+                        # runner cancels every task while KeyboardInterrupt
+                        # propagates): stop the sync code now rather than
+                        # when it next awaits, as Ctrl-C would stop it on
+                        # greenlet's loop thread
+                        _inject(call, _CancelledError)
                     if _is_anyio_cancellation(err):
                         # level-triggered: anyio delivers it again at the
                         # next await inside its scope, so it must not be
@@ -536,6 +570,14 @@ async def _drive_asyncio(
         if awaitable is _DONE:
             break
         switched = True
+        if call.interrupt is not None:
+            # Ctrl-C hit the host while the sync code ran: the sync code
+            # sees it at this await_() (if the injected one has not
+            # landed yet), runs its cleanup, and the interrupt propagates
+            _safe_close(awaitable)
+            call.send(None, call.interrupt)
+            del awaitable
+            continue
         if cancelled is not None:
             # deliver the cancellation that arrived while the sync code ran
             # plain Python exactly as asyncio would have delivered it here:
@@ -548,6 +590,61 @@ async def _drive_asyncio(
         await _serve(call, awaitable)
         del awaitable
     return _finish(call, cancelled, switched, require_await)
+
+
+def _acquire_blocking(call: _Call, ready: threading.Lock) -> bool:
+    """Wait for the worker's next message blocking this thread, for at most
+    ``handoff_timeout``.
+
+    A signal handler raising here (Ctrl-C's KeyboardInterrupt, SystemExit)
+    must not abandon the worker, which runs on with the task's connection:
+    on greenlet the interrupt would have landed in the sync code itself.
+    So it is delivered there (see _inject) and the wait goes on; the sync
+    code's cleanup runs and the interrupt propagates from greenlet_spawn()."""
+    try:
+        return ready.acquire(True, handoff_timeout)
+    except BaseException as exc:
+        if call.interrupt is None:
+            call.interrupt = exc
+        _inject(call, type(exc))
+        return False
+
+
+def _interrupted_by(err: BaseException) -> Optional[BaseException]:
+    """The KeyboardInterrupt / SystemExit being handled when the
+    cancellation ``err`` was thrown into the task, if any (an event-loop
+    runner cancelling its tasks on Ctrl-C)."""
+    seen = 0
+    context = err.__context__
+    while context is not None and seen < 8:
+        if isinstance(context, (KeyboardInterrupt, SystemExit)):
+            return context
+        context = context.__context__
+        seen += 1
+    return None
+
+
+try:
+    import ctypes
+
+    _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    _c_thread_id = ctypes.c_ulong
+    _py_object = ctypes.py_object
+except (ImportError, AttributeError):  # pragma: no cover -- not CPython
+    _set_async_exc = None
+
+
+def _inject(call: _Call, exc_type: type) -> None:
+    """Raise ``exc_type`` in the worker at its next bytecode, if it is
+    running the caller's sync code (never inside the bridge's own code:
+    see _Call.enter_user / leave_user), as a signal raises in whatever
+    Python code greenlet's loop thread is running."""
+    if _set_async_exc is None:
+        return
+    with call.state:
+        if call.user_running and not call.injected:
+            call.injected = True
+            _set_async_exc(_c_thread_id(call.thread_id), _py_object(exc_type))
 
 
 async def _serve(call: _Call, awaitable: Any) -> None:
@@ -622,6 +719,13 @@ def _finish(
 ) -> Any:
     error, call.error = call.error, None
     result, call.result = call.result, None
+    interrupt, call.interrupt = call.interrupt, None
+    if interrupt is not None and not isinstance(error, type(interrupt)):
+        # the sync code finished before the interrupt reached it: the
+        # interrupt still propagates (its outcome is dropped, as Ctrl-C on
+        # greenlet's loop thread would have dropped it)
+        error = interrupt
+    del interrupt
     if cancelled is not None:
         # the cancellation arrived while the sync code ran its last stretch
         # of plain Python.  Under greenlet it could not have arrived before
@@ -767,7 +871,7 @@ async def _greenlet_spawn_trio(
     ready = call.ready
     switched = False
     while True:
-        if not ready.acquire(True, handoff_timeout):
+        if not _acquire_blocking(call, ready):
             call.async_waiting = True
             while not ready.acquire(False):
                 call.waiter = task
@@ -777,6 +881,11 @@ async def _greenlet_spawn_trio(
         if awaitable is _DONE:
             break
         switched = True
+        if call.interrupt is not None:
+            _safe_close(awaitable)
+            call.send(None, call.interrupt)
+            del awaitable
+            continue
         await _serve(call, awaitable)
         del awaitable
     # a cancellation that arrived while the sync code ran its last stretch

@@ -552,3 +552,71 @@ def test_names_bound_before_install_reach_the_bridge() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ok", "False"]
+
+
+# -- scenario 8: Ctrl-C ------------------------------------------------------
+
+_CTRL_C_CHILD = r"""
+import asyncio, os, sys, time
+import sqla_anyio_shim
+sqla_anyio_shim.install(handoff_timeout={handoff})
+from sqlalchemy.util import concurrency
+
+def cpu_bound():
+    print("ready", flush=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # plain Python, no await point
+            pass
+        print("sync code ran to its end", flush=True)
+    finally:
+        print("sync cleanup ran", flush=True)
+
+async def main():
+    await concurrency.greenlet_spawn(cpu_bound)
+
+started = time.monotonic()
+try:
+    asyncio.run(main())
+finally:
+    print(f"exited after {{time.monotonic() - started:.1f}}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("handoff", ["None", "0.002"])
+def test_ctrl_c_twice_stops_cpu_bound_sync_code_at_once(handoff: str) -> None:
+    """Scenario 8: Ctrl-C during a long CPU-bound stretch of sync code.  On
+    greenlet the KeyboardInterrupt lands in the sync code (it runs on the
+    main thread): its cleanup runs and the program exits at once.  Here the
+    interrupt (whether it hits the host's blocking hand-off wait,
+    ``handoff_timeout=None``, or the loop while the host waits through it)
+    is delivered into the worker; no worker is abandoned mid-call."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CTRL_C_CHILD.format(handoff=handoff)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        # asyncio.run: the first Ctrl-C cancels the main task (Python
+        # 3.11+), the second raises KeyboardInterrupt; on 3.10 the first does
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(0.5)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert "sync code ran to its end" not in out, (out, err)
+    assert "sync cleanup ran" in out, (out, err)
+    exited_after = float(out.split("exited after")[1].split()[0])
+    assert exited_after < 10, out
+    assert "KeyboardInterrupt" in err or proc.returncode in (-2, 130), (out, err)
