@@ -475,27 +475,30 @@ def render_handoff(data: Dict[str, Any]) -> List[str]:
           f"(random `i`), then closes it; pool_size {g.get('pool_size', 20)}, max_overflow 0. "
           "An untimed warm-up (one select per task) fills the pool first. ops/s = selects / wall "
           "time; p50 / p99 of the per-select latency (the first select of a session includes the "
-          "wait for a pool connection); medians over the rounds. *await_()/op* is counted in a "
+          "wait for a pool connection, which dominates p99 once tasks outnumber connections; "
+          "*p99 in-session* leaves the first select of each session out); medians over the rounds. "
+          "*await_()/op* is counted in a "
           "separate untimed pass through a counting wrapper of SQLAlchemy's `await_` (up to 100 "
           "tasks); *csw per await_* divides the timed pass's switches by it. *CPU busy* = process "
           "CPU time / wall time (1.0 = one core).\n")
         a("| driver | tasks × K | variant | ops/s | ×greenlet | p50 µs | ×greenlet | p99 µs | ×greenlet "
-          "| csw/op (vol + invol) | await_()/op | csw per await_ | CPU busy | rounds |")
-        a("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| p99 in-session µs | ×greenlet | csw/op (vol + invol) | await_()/op | csw per await_ | CPU busy | rounds |")
+        a("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for c in g["cells"]:
             for key in (f"greenlet+{c['driver']}", f"shim+{c['driver']}"):
                 base = f"greenlet+{c['driver']}"
                 s = c["summary"].get(key)
                 if not s:
                     a(f"| {c['driver']} | {c['tasks']:,} × {c['k']} | {key} | FAILED: "
-                      f"{c['errors'].get(key, 'did not run')[:120]} | | | | | | | | | | |")
+                      f"{c['errors'].get(key, 'did not run')[:120]} | | | | | | | | | | | | |")
                     continue
                 b = c["summary"].get(base) or {}
                 apo = c.get("awaits_per_op", {}).get(key)
                 a(f"| {c['driver']} | {c['tasks']:,} × {c['k']} | {key} | {_fmt(s['ops_per_s'])} "
                   f"| {_r(_ratio(s['ops_per_s'], b.get('ops_per_s')))} | {_fmt(s['p50_us'])} "
                   f"| {_r(_ratio(s['p50_us'], b.get('p50_us')))} | {_fmt(s['p99_us'])} "
-                  f"| {_r(_ratio(s['p99_us'], b.get('p99_us')))} "
+                  f"| {_r(_ratio(s['p99_us'], b.get('p99_us')))} | {_fmt(s.get('p99_rest_us'))} "
+                  f"| {_r(_ratio(s.get('p99_rest_us'), b.get('p99_rest_us')))} "
                   f"| {s['csw_per_op']:.1f} ({s['vcsw_per_op']:.1f} + {s['ivcsw_per_op']:.1f}) "
                   f"| {_fmt(apo)} | {_fmt(s['csw_per_op'] / apo if apo else None)} "
                   f"| {s['cpu_busy']:.2f} | {s['rounds']} |")
@@ -509,15 +512,17 @@ def render_handoff(data: Dict[str, Any]) -> List[str]:
           "hop) or *sleep0* (`asyncio.sleep(0)`: one trip through the loop, so tasks interleave as "
           "with real I/O). Per `greenlet_spawn()`: the 0-await run; per `await_()`: the marginal "
           "cost, (per spawn with N awaits − per spawn with 0) / N. Medians over the rounds.\n")
-        a("| awaitable | tasks | variant | µs per spawn | csw per spawn | µs per await_() | ×greenlet "
-          "| csw per await_() |")
+        a("| awaitable | tasks | variant | µs per spawn | csw per spawn (vol + invol) | µs per await_() "
+          "| ×greenlet | csw per await_() (vol + invol) |")
         a("|---|---:|---|---:|---:|---:|---:|---:|")
         for row in g.get("per_await", []):
             gv = row["by_variant"].get("greenlet", {})
             for key, s in row["by_variant"].items():
+                vs, va = s.get("vcsw_per_spawn", float("nan")), s.get("vcsw_per_await", float("nan"))
                 a(f"| {row['awaitable']} | {row['tasks']:,} | {key} | {s['us_per_spawn']:.1f} "
-                  f"| {s['csw_per_spawn']:.2f} | {s['us_per_await']:.1f} "
-                  f"| {_r(_ratio(s['us_per_await'], gv.get('us_per_await')))} | {s['csw_per_await']:.2f} |")
+                  f"| {s['csw_per_spawn']:.2f} ({vs:.2f} + {s['csw_per_spawn'] - vs:.2f}) "
+                  f"| {s['us_per_await']:.1f} | {_r(_ratio(s['us_per_await'], gv.get('us_per_await')))} "
+                  f"| {s['csw_per_await']:.2f} ({va:.2f} + {s['csw_per_await'] - va:.2f}) |")
         a("")
     if "scale" in groups:
         g = groups["scale"]
