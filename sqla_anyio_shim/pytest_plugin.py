@@ -20,6 +20,10 @@ reason, in ``docs/conformance.md``:
 4. When the rootdir is a SQLAlchemy source tree, its ``lib/`` is put first
    on ``sys.path`` before the shim imports SQLAlchemy, as the tree's own
    ``conftest.py`` would do a moment later.
+
+On a free-threaded build it also proves the GIL stayed off for the whole run
+(:class:`GilGuard`): an import that re-enables it fails the run, naming the
+module.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Any, Iterator
+import sysconfig
+from importlib.machinery import ExtensionFileLoader, ModuleSpec, PathFinder
+from typing import Any, Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -45,6 +51,126 @@ GREENLET_INTERNAL_TESTS = {
 }
 
 
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+
+class _WatchedExtensionLoader(ExtensionFileLoader):
+    """An extension module's loader that notes whether loading it switched
+    the GIL on: CPython enables it permanently while creating a module that
+    does not declare ``Py_mod_gil`` (and then warns, naming it)."""
+
+    guard: "GilGuard"
+
+    def create_module(self, spec: ModuleSpec) -> Any:
+        before = sys._is_gil_enabled()  # type: ignore[attr-defined]
+        try:
+            return super().create_module(spec)
+        finally:
+            # in ``finally``: a ``-W error`` filter turns the warning into
+            # an exception after the GIL is already on
+            if not before and sys._is_gil_enabled():  # type: ignore[attr-defined]
+                self.guard.culprits.append(spec.name)
+
+
+class GilGuard:
+    """Proves that the GIL stays off for a whole pytest run on a
+    free-threaded build (a no-op on other builds).
+
+    ``start()`` puts a finder on ``sys.meta_path`` that only wraps the
+    loader of *extension* modules (the only kind that can switch the GIL on)
+    so each load is checked; plain Python imports are left to the usual
+    finders.  At the end ``problem()`` is None if the GIL was off when the
+    check started, no import switched it on, and it is off now.  Modules
+    imported before ``start()`` are covered by the first condition; run with
+    ``python -W "error:The global interpreter lock:RuntimeWarning"`` to have
+    such an import fail on the spot, naming the module.
+    """
+
+    def __init__(self) -> None:
+        self.culprits: List[str] = []
+        self.enabled_at_start = False
+        self.started = False
+
+    # the MetaPathFinder protocol
+    def find_spec(
+        self, fullname: str, path: Optional[Sequence[str]], target: Any = None
+    ) -> Optional[ModuleSpec]:
+        spec = PathFinder.find_spec(fullname, path, target)
+        if spec is None or type(spec.loader) is not ExtensionFileLoader:
+            return None  # the usual finders handle it, as if we were not here
+        loader = _WatchedExtensionLoader(spec.loader.name, spec.loader.path)
+        loader.guard = self
+        spec.loader = loader
+        return spec
+
+    def start(self) -> None:
+        if not FREE_THREADED or self.started:
+            return
+        self.started = True
+        self.enabled_at_start = sys._is_gil_enabled()  # type: ignore[attr-defined]
+        # just before PathFinder (which finds extension modules), so the
+        # finders ahead of it (pytest's assertion rewriter, the shim's
+        # patching finder, editable installs) keep their turn
+        at = next(
+            (i for i, f in enumerate(sys.meta_path) if f is PathFinder),
+            len(sys.meta_path),
+        )
+        sys.meta_path.insert(at, self)  # type: ignore[arg-type]
+
+    def problem(self) -> Optional[str]:
+        if not self.started:
+            return None
+        if self.culprits:
+            names = ", ".join(repr(m) for m in self.culprits)
+            return (
+                f"importing {names} re-enabled the GIL on this free-threaded "
+                "build (the extension does not declare Py_mod_gil): the run "
+                "no longer tests free threading; drop that dependency or use "
+                "a free-threading build of it"
+            )
+        if self.enabled_at_start:
+            return (
+                "the GIL was already enabled when the check started (PYTHON_GIL=1, "
+                "-X gil=1, or a module imported at start-up); run with "
+                "python -W 'error:The global interpreter lock:RuntimeWarning' "
+                "to name the module"
+            )
+        if sys._is_gil_enabled():  # type: ignore[attr-defined]
+            return "the GIL is enabled at the end of the run"
+        return None
+
+    def summary(self) -> str:
+        problem = self.problem()
+        if problem is not None:
+            return f"GIL CHECK FAILED: {problem}"
+        return (
+            "GIL check: free-threaded build, the GIL stayed off for the whole "
+            "run (no import re-enabled it; sys._is_gil_enabled() is False at "
+            "the end)"
+        )
+
+    # pytest hooks, for a guard registered as a plugin
+    def pytest_sessionfinish(self, session: Any, exitstatus: Any) -> None:
+        if not self.started:
+            return
+        report = os.environ.get("SQLA_SHIM_GIL_REPORT")
+        if report:
+            # read by ``python -m sqla_anyio_shim conformance``
+            with open(report, "w") as f:
+                f.write(self.summary() + "\n")
+        if self.problem() is not None and session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.started:
+            terminalreporter.write_line(
+                self.summary(), red=self.problem() is not None, bold=True
+            )
+
+
+gil_guard = GilGuard()
+
+
 def _sqlalchemy_source_lib(rootdir: str) -> "str | None":
     lib = os.path.join(rootdir, "lib")
     if os.path.isfile(os.path.join(lib, "sqlalchemy", "__init__.py")) and (
@@ -56,6 +182,10 @@ def _sqlalchemy_source_lib(rootdir: str) -> "str | None":
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: Any, parser: Any, args: Any) -> None:
+    # before SQLAlchemy, the drivers and the test modules are imported
+    if FREE_THREADED and not early_config.pluginmanager.is_registered(gil_guard):
+        gil_guard.start()
+        early_config.pluginmanager.register(gil_guard, "sqla-anyio-shim-gil-guard")
     lib = _sqlalchemy_source_lib(str(early_config.rootpath))
     if lib is not None and lib not in sys.path and "sqlalchemy" not in sys.modules:
         sys.path.insert(0, lib)

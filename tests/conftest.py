@@ -14,8 +14,18 @@ import pytest
 
 import sqla_anyio_shim
 from sqla_anyio_shim import _workers
+from sqla_anyio_shim.pytest_plugin import gil_guard
+
+# free-threaded builds: the run fails if any import re-enables the GIL, or if
+# it is on at the end (a no-op on other builds; see GilGuard)
+gil_guard.start()
 
 sqla_anyio_shim.install()
+
+
+def pytest_configure(config: Any) -> None:
+    if gil_guard.started and not config.pluginmanager.is_registered(gil_guard):
+        config.pluginmanager.register(gil_guard, "sqla-anyio-shim-gil-guard")
 
 BACKENDS = [
     pytest.param(("asyncio", {}), id="asyncio"),
