@@ -1,0 +1,1 @@
+"""Examples of applications on sqla-anyio-shim (see README.md, "Examples")."""
