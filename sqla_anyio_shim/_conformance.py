@@ -9,22 +9,34 @@ no shim -- runs ``test/ext/asyncio`` and ``test/base/test_concurrency.py``
 exit status is non-zero when the shim run is worse than the greenlet run:
 any failure or error, or fewer passes than greenlet's minus the tests that
 ``docs/conformance.md`` lists as asserting greenlet's own internals.
+
+On a free-threaded build the shim run must also keep the GIL off from start
+to end (``python -W error`` on CPython's "GIL has been enabled" warning, and
+the pytest plugin's GIL guard), and the greenlet row says what greenlet did
+there: installed from source or only as an older wheel, whether importing it
+switched the GIL back on, and whether the run crashed (with its signal) --
+never an empty row.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import sysconfig
 import tarfile
+import threading
 import time
 import venv
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 # the pip requirement for each async driver name in a --db / --dburi
 DRIVER_REQUIREMENTS = {
@@ -37,6 +49,21 @@ DRIVER_REQUIREMENTS = {
 }
 
 INTERNAL_MARK = "greenlet internals (sqla-anyio-shim)"
+
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+# CPython's warning when an extension switches the GIL back on; as an error
+# filter it makes such an import fail on the spot, naming the module
+GIL_WARNING = "The global interpreter lock"
+GIL_ERROR_FILTER = f"error:{GIL_WARNING}:RuntimeWarning"
+
+
+def driver_requirements(driver: str) -> List[str]:
+    reqs = DRIVER_REQUIREMENTS.get(driver, [])
+    if FREE_THREADED:
+        # psycopg's binary implementation has no free-threaded wheel; the
+        # pure-Python one (libpq through ctypes) is the same driver
+        reqs = ["psycopg" if r == "psycopg[binary]" else r for r in reqs]
+    return reqs
 
 
 @dataclass
@@ -51,6 +78,10 @@ class RunResult:
     exit_code: int = 0
     note: str = ""
     failures: List[str] = field(default_factory=list)
+    # what happened around the run (greenlet's install, the GIL), printed
+    # under the table
+    remarks: List[str] = field(default_factory=list)
+    not_run: bool = False
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
@@ -112,27 +143,91 @@ def _driver_of(args: argparse.Namespace) -> str:
     return args.db
 
 
+def _pip_install(python: Path, *args: str) -> "subprocess.CompletedProcess[str]":
+    cmd = [str(python), "-m", "pip", "install", "-q", *args]
+    print("   $ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+
+
+def _greenlet_on_free_threaded(python: Path) -> List[str]:
+    """Install greenlet in a free-threaded environment as a user would, and
+    say what happened: the newest release (built from source when there is
+    no wheel); if that fails, the newest wheel for this interpreter.  The
+    returned remarks end with what importing it did to the GIL."""
+    remarks: List[str] = []
+    proc = _pip_install(python, "--upgrade", "greenlet")
+    if proc.returncode != 0:
+        out = proc.stdout + proc.stderr
+        version = re.search(r"greenlet-(\d[\w.]*?)\.tar\.gz", out)
+        error = re.search(r"^\s*(\S+:\d+:\d+: (?:fatal )?error: .*)$", out, re.M)
+        remarks.append(
+            f"greenlet {version.group(1) if version else '(newest)'}: the build "
+            f"from source failed: {error.group(1).strip() if error else out.strip().splitlines()[-1]}"
+        )
+        proc = _pip_install(python, "--upgrade", "--only-binary=greenlet", "greenlet")
+        if proc.returncode != 0:
+            remarks.append("no greenlet wheel for this interpreter either: greenlet cannot be installed")
+            return remarks
+    probe = subprocess.run(
+        [
+            str(python), "-W", "always::RuntimeWarning", "-c",
+            "import sys, greenlet; print(greenlet.__version__, sys._is_gil_enabled())",
+        ],
+        capture_output=True, text=True, errors="replace",
+    )
+    if probe.returncode != 0:
+        remarks.append(
+            f"importing greenlet failed (exit status {probe.returncode}): "
+            f"{(probe.stderr.strip().splitlines() or ['?'])[-1]}"
+        )
+        return remarks
+    version, gil = probe.stdout.split()
+    how = "installed" if not remarks else "installed instead (newest wheel for this interpreter)"
+    remarks.append(f"greenlet {version} {how}")
+    if gil == "True":
+        module = re.search(r"to load module '([^']+)'", probe.stderr)
+        remarks.append(
+            f"importing greenlet {version} re-enabled the GIL "
+            f"(CPython: module {module.group(1) if module else '?'!r} has not declared "
+            "that it can run without the GIL): the greenlet run below runs with the GIL"
+        )
+    else:
+        remarks.append(f"importing greenlet {version} kept the GIL off")
+    return remarks
+
+
 def make_env(
     kind: str, version: str, driver: str, cache: Path, project: Optional[Path]
-) -> Path:
-    """Create (or refresh) the ``shim`` or ``greenlet`` environment."""
-    py = f"{sys.version_info[0]}.{sys.version_info[1]}"
+) -> Tuple[Path, List[str]]:
+    """Create (or refresh) the ``shim`` or ``greenlet`` environment; also
+    returns remarks on how greenlet installed (free-threaded builds)."""
+    py = f"{sys.version_info[0]}.{sys.version_info[1]}{getattr(sys, 'abiflags', '')}"
     env = cache / "venvs" / f"{kind}-sa{version}-{driver}-py{py}"
     python = _venv_python(env)
-    requirements = [f"sqlalchemy=={version}", "pytest"] + DRIVER_REQUIREMENTS.get(
-        driver, []
-    )
-    if kind == "greenlet":
+    requirements = [f"sqlalchemy=={version}", "pytest"] + driver_requirements(driver)
+    greenlet_apart = kind == "greenlet" and FREE_THREADED
+    if kind == "greenlet" and not FREE_THREADED:
         requirements.append("greenlet")
     marker = env / ".requirements"
+    notes = env / ".greenlet-remarks"
     wanted = "\n".join(requirements)
+    remarks: List[str] = []
     if not python.exists() or not marker.exists() or marker.read_text() != wanted:
         print(f"-- building the {kind} environment at {env}", flush=True)
         if env.exists():
             shutil.rmtree(env)
         venv.EnvBuilder(with_pip=True, clear=True).create(env)
-        _run([str(python), "-m", "pip", "install", "-q", *requirements])
+        # SQLAlchemy 2.0 requires greenlet; on a free-threaded build take a
+        # greenlet wheel for that, as a source build may fail (greenlet's
+        # own install is tried, and reported, apart)
+        only_binary = ["--only-binary=greenlet"] if FREE_THREADED else []
+        _run([str(python), "-m", "pip", "install", "-q", *only_binary, *requirements])
+        if greenlet_apart:
+            remarks = _greenlet_on_free_threaded(python)
+            notes.write_text("\n".join(remarks))
         marker.write_text(wanted)
+    elif greenlet_apart and notes.exists():
+        remarks = [r for r in notes.read_text().splitlines() if r]
     if kind == "shim":
         if project is None:
             raise SystemExit("cannot find the sqla-anyio-shim project to install")
@@ -149,7 +244,7 @@ def make_env(
         if probe.returncode == 0:
             raise SystemExit(f"greenlet is still importable in {env}")
         print("   greenlet is not importable in the shim environment", flush=True)
-    return env
+    return env, remarks
 
 
 def _project_dir() -> Optional[Path]:
@@ -167,6 +262,32 @@ def test_paths(version: str) -> List[str]:
         else "test/base/test_concurrency.py"
     )
     return ["test/ext/asyncio", concurrency]
+
+
+def _tee(proc: "subprocess.Popen[str]", tail: Deque[str]) -> None:
+    """Echo the run's output as it comes and keep its last lines (what a
+    crash leaves behind: CPython's fatal error, faulthandler's stack)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        tail.append(line.rstrip("\n"))
+
+
+def _crash_remark(code: int, tail: Sequence[str]) -> str:
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    # pytest -q prints a progress character per finished test
+    done = sum(
+        len(m.group(1)) for m in (re.match(r"^([.sFExX]+)\s*(\[\s*\d+%\])?$", t) for t in tail) if m
+    )
+    fatal = next((t.strip() for t in tail if t.startswith("Fatal Python error")), "")
+    return (
+        f"the run crashed: killed by {name} (exit status {code}) after about "
+        f"{done} test(s)" + (f"; {fatal}" if fatal else "")
+    )
 
 
 def run_suite(
@@ -189,18 +310,49 @@ def run_suite(
     ]
     if shim:
         cmd[3:3] = ["-p", "sqla_anyio_shim.pytest_plugin"]
+    environ = dict(os.environ)
+    environ.pop("PYTHONPATH", None)
+    # the run's own GIL state, not one forced from outside
+    environ.pop("PYTHON_GIL", None)
+    gil_report = env / f"gil-{label}.txt"
+    if shim and FREE_THREADED:
+        # an import that switches the GIL on fails where it happens; the
+        # plugin's guard checks the rest of the run and writes its verdict
+        cmd[1:1] = ["-W", GIL_ERROR_FILTER]
+        if gil_report.exists():
+            gil_report.unlink()
+        environ["SQLA_SHIM_GIL_REPORT"] = str(gil_report)
     print(f"-- {label}: running SQLAlchemy {version}'s suite", flush=True)
     print("   $ (cd " + str(tree) + " && " + " ".join(cmd) + ")", flush=True)
     start = time.monotonic()
-    environ = dict(os.environ)
-    environ.pop("PYTHONPATH", None)
+    tail: Deque[str] = collections.deque(maxlen=300)
+    proc = subprocess.Popen(
+        cmd, cwd=tree, env=environ, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, errors="replace",
+    )
+    reader = threading.Thread(target=_tee, args=(proc, tail), daemon=True)
+    reader.start()
     try:
-        proc = subprocess.run(cmd, cwd=tree, timeout=timeout, env=environ)
-        result.exit_code = proc.returncode
+        result.exit_code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
         result.exit_code = -1
         result.note = f"killed after {timeout:.0f} s (hang?)"
+    reader.join(30)
     result.seconds = time.monotonic() - start
+    if result.exit_code < 0 and not result.note:
+        result.note = _crash_remark(result.exit_code, tail)
+        result.remarks.append(result.note)
+    if shim and FREE_THREADED:
+        verdict_line = gil_report.read_text().strip() if gil_report.exists() else ""
+        if not verdict_line or verdict_line.startswith("GIL CHECK FAILED"):
+            result.note = result.note or (
+                verdict_line or "GIL CHECK FAILED: the run ended without the GIL "
+                "guard's verdict (see the output above: an import may have "
+                "switched the GIL on)"
+            )
+        result.remarks.append(verdict_line or result.note)
     if not junit.exists():
         result.errors += 1
         result.note = result.note or "pytest produced no report"
@@ -243,6 +395,9 @@ def print_table(rows: List[RunResult]) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
+        if r.not_run:
+            print(f"{r.label:<28}{'not run (see below)':>42}")
+            continue
         print(
             f"{r.label:<28}{r.passed:>8}{r.failed:>8}{r.errors:>8}"
             f"{r.skipped:>9}{r.seconds:>8.1f}s"
@@ -300,7 +455,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"== SQLAlchemy {version}, {' '.join(db_args)}, cache {cache}", flush=True)
 
     tree = fetch_sdist(version, cache)
-    shim_env = make_env("shim", version, driver, cache, _project_dir())
+    shim_env, _ = make_env("shim", version, driver, cache, _project_dir())
     rows: List[RunResult] = []
     for i in range(args.repeat):
         label = "shim (no greenlet)" + (f" #{i + 1}" if args.repeat > 1 else "")
@@ -309,15 +464,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     greenlet_row: Optional[RunResult] = None
     if not args.shim_only:
-        gl_env = make_env("greenlet", version, driver, cache, None)
-        greenlet_row = run_suite(
-            "greenlet (upstream)", gl_env, tree, version, db_args, False, args.timeout, args.pytest_args
+        gl_env, remarks = make_env("greenlet", version, driver, cache, None)
+        installed = next(
+            (r.split()[1] for r in remarks if r.startswith("greenlet ") and " installed" in r),
+            None,
         )
+        label = "greenlet (upstream)" if installed is None else f"greenlet {installed} (upstream)"
+        if FREE_THREADED and installed is None:
+            greenlet_row = RunResult(label, not_run=True)
+        else:
+            greenlet_row = run_suite(
+                label, gl_env, tree, version, db_args, False, args.timeout, args.pytest_args
+            )
+        greenlet_row.remarks[:0] = remarks
         rows.append(greenlet_row)
 
     print()
-    print(f"SQLAlchemy {version} -- {' '.join(db_args)} -- {' '.join(test_paths(version))}")
+    build = "free-threaded" if FREE_THREADED else "GIL"
+    print(
+        f"SQLAlchemy {version} -- {' '.join(db_args)} -- {' '.join(test_paths(version))}"
+        f" -- Python {sys.version.split()[0]} ({build} build)"
+    )
     print_table(rows)
+    for row in rows:
+        for remark in row.remarks:
+            print(f"   {row.label}: {remark}")
     status = 0
     for row in rows:
         if row is greenlet_row:
