@@ -334,6 +334,7 @@ async def run_reuse(args: Any, gs: GroupSizes, sizes: core.Sizes, dbs: List[str]
             cell: Dict[str, Any] = {"driver": name, "db": db, "tasks": tasks, "k": k,
                                     "runs": {}, "errors": {}, "awaits_per_op": {}}
             t_cell = perf_counter()
+            log(f"[reuse {name} c={tasks} k={k}] started")  # loop_profile.py waits for this
             for rnd in range(gs.rounds):
                 for v in _rotate(variants, rnd):
                     if v.key in cell["errors"]:
