@@ -47,8 +47,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 perf_counter = time.perf_counter
@@ -62,9 +63,7 @@ DEFAULT_PG_URL = os.environ.get(
     # as tox.ini and tests/test_databases.py: SQLA_SHIM_PG_HOST, default root
     f"postgresql://{os.environ.get('SQLA_SHIM_PG_HOST', 'root@127.0.0.1:5432')}/test",
 )
-DEFAULT_SQLITE_PATH = os.environ.get(
-    "BENCH_SQLITE_PATH", "/tmp/sqla_anyio_shim_bench/bench.db"
-)
+DEFAULT_SQLITE_PATH = os.environ.get("BENCH_SQLITE_PATH", "/tmp/sqla_anyio_shim_bench/bench.db")
 
 LIGHT_WORKLOADS = ["core_pk", "orm_get", "orm_select_pk", "orm_insert"]
 HEAVY_WORKLOADS = ["bulk_insert", "stream"]
@@ -83,8 +82,8 @@ class Sizes:
     rounds: int
     items: int  # rows in the items table (= rows streamed)
     bulk: int  # rows per bulk insert
-    heavy_ops: Dict[str, int]  # ops per batch of the heavy workloads
-    light_ops: Dict[int, int]  # concurrency -> ops per task
+    heavy_ops: dict[str, int]  # ops per batch of the heavy workloads
+    light_ops: dict[int, int]  # concurrency -> ops per task
     big_rounds: int = 3  # rounds at 1,000 tasks and more (each is long)
 
     def rounds_for(self, concurrency: int) -> int:
@@ -125,7 +124,7 @@ class Variant:
         return self.kind in ("greenlet", "shim", "shim-sync")
 
 
-def variants_for(db: str) -> List[Variant]:
+def variants_for(db: str) -> list[Variant]:
     if db == "sqlite":
         g = "greenlet+aiosqlite"
         return [
@@ -156,7 +155,7 @@ class Unavailable(Exception):
 # ---------------------------------------------------------------------------
 
 
-def read_status() -> Dict[str, int]:
+def read_status() -> dict[str, int]:
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -188,7 +187,7 @@ class Sampler:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self.start_rss_kb = read_status()["VmRSS"]
         self._sample()
         self._thread.start()
@@ -309,8 +308,7 @@ def setup_database(db: str, args: Any, sizes: Sizes) -> str:
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
     rows = [
-        {"id": i, "name": f"item {i}", "value": i * 7 % 1000}
-        for i in range(1, sizes.items + 1)
+        {"id": i, "name": f"item {i}", "value": i * 7 % 1000} for i in range(1, sizes.items + 1)
     ]
     with engine.begin() as conn:
         for start in range(0, len(rows), 10_000):
@@ -322,7 +320,7 @@ def setup_database(db: str, args: Any, sizes: Sizes) -> str:
     return str(version)
 
 
-_SETUP: Dict[str, str] = {}
+_SETUP: dict[str, str] = {}
 
 
 def ensure_database(db: str, args: Any, sizes: Sizes) -> str:
@@ -366,11 +364,11 @@ def make_engine(variant: Variant, db: str, args: Any, concurrency: int) -> Any:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     url = url_for(db, variant.driver, args)
-    kw: Dict[str, Any] = dict(
-        pool_size=pool_size_for(variant, concurrency),
-        max_overflow=0,
-        pool_timeout=600,
-    )
+    kw: dict[str, Any] = {
+        "pool_size": pool_size_for(variant, concurrency),
+        "max_overflow": 0,
+        "pool_timeout": 600,
+    }
     if db == "sqlite":
         kw["connect_args"] = {"timeout": 60}
     if not variant.is_async_engine:
@@ -400,7 +398,7 @@ class Ops:
     def __init__(self, engine: Any, is_async: bool, sizes: Sizes) -> None:
         from sqlalchemy import insert, select
 
-        Base, Item, InsertRow, BulkRow = schema()
+        _, Item, InsertRow, BulkRow = schema()
         self.engine = engine
         self.sizes = sizes
         items = Item.__table__
@@ -419,7 +417,7 @@ class Ops:
 
             self.Session = sessionmaker(engine, expire_on_commit=False)
 
-    def bulk_rows(self, i: int) -> List[Dict[str, Any]]:
+    def bulk_rows(self, i: int) -> list[dict[str, Any]]:
         return [{"name": f"bulk {i}/{j}", "value": j} for j in range(self.sizes.bulk)]
 
     # -- async ---------------------------------------------------------------
@@ -508,7 +506,7 @@ class Ops:
 class BatchResult:
     ops: int
     wall: float
-    latencies: List[float]
+    latencies: list[float]
     peak_threads: int
     peak_py_threads: int
     peak_rss_kb: int
@@ -522,14 +520,14 @@ class BatchResult:
         lat = sorted(self.latencies)
         if not lat:
             return float("nan")
-        k = min(len(lat) - 1, max(0, int(round(q * (len(lat) - 1)))))
+        k = min(len(lat) - 1, max(0, round(q * (len(lat) - 1))))
         return lat[k]
 
 
 _id_counter = [0]
 
 
-def next_ids(n: int, items: int, rng: random.Random) -> List[int]:
+def next_ids(n: int, items: int, rng: random.Random) -> list[int]:
     return [rng.randint(1, items) for _ in range(n)]
 
 
@@ -539,7 +537,7 @@ async def _run_tasks(
     concurrency: int,
     per_task: int,
     ids: Sequence[int],
-    latencies: Optional[List[float]],
+    latencies: list[float] | None,
 ) -> None:
     """Run ``concurrency`` tasks x ``per_task`` ops of ``op``."""
     if variant.kind == "plain":
@@ -620,11 +618,9 @@ async def run_batch(
         if workload in HEAVY_WORKLOADS:
             warm_op = getattr(ops, prefix + "core_pk")
             warm = [1] * concurrency
-        await asyncio.wait_for(
-            _run_tasks(variant, warm_op, concurrency, 1, warm, None), timeout
-        )
+        await asyncio.wait_for(_run_tasks(variant, warm_op, concurrency, 1, warm, None), timeout)
         gc.collect()
-        latencies: List[float] = []
+        latencies: list[float] = []
         with Sampler() as sampler:
             t0 = perf_counter()
             await asyncio.wait_for(
@@ -659,11 +655,11 @@ class Cell:
     workload: str
     concurrency: int
     per_task: int
-    results: Dict[str, List[BatchResult]] = field(default_factory=dict)
-    errors: Dict[str, str] = field(default_factory=dict)
-    unavailable: Dict[str, str] = field(default_factory=dict)
+    results: dict[str, list[BatchResult]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
-    def summary(self, key: str) -> Optional[Dict[str, float]]:
+    def summary(self, key: str) -> dict[str, float] | None:
         rs = self.results.get(key)
         if not rs:
             return None
@@ -683,9 +679,7 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-async def run_cells(
-    db: str, cells: List[Cell], args: Any, sizes: Sizes
-) -> None:
+async def run_cells(db: str, cells: list[Cell], args: Any, sizes: Sizes) -> None:
     variants = variants_for(db)
     rng = random.Random(1234)
     timeout = 60.0 if args.quick else 600.0
@@ -701,8 +695,15 @@ async def run_cells(
                     continue
                 try:
                     r = await run_batch(
-                        v, db, cell.workload, cell.concurrency, cell.per_task,
-                        args, sizes, rng, timeout,
+                        v,
+                        db,
+                        cell.workload,
+                        cell.concurrency,
+                        cell.per_task,
+                        args,
+                        sizes,
+                        rng,
+                        timeout,
                     )
                 except Unavailable as err:
                     cell.unavailable[v.key] = str(err)
@@ -729,7 +730,7 @@ async def run_cells(
     use_implementation("greenlet")
 
 
-def build_cells(db: str, concurrencies: List[int], sizes: Sizes) -> List[Cell]:
+def build_cells(db: str, concurrencies: list[int], sizes: Sizes) -> list[Cell]:
     cells = []
     for w in LIGHT_WORKLOADS:
         for c in concurrencies:
@@ -752,7 +753,7 @@ def rss_probe(args: Any) -> int:
     variant = next(v for v in variants_for(db) if v.key == args.probe_variant)
     concurrency = int(args.concurrency)
 
-    async def go() -> Dict[str, Any]:
+    async def go() -> dict[str, Any]:
         rng = random.Random(99)
         before = read_status()
         try:
@@ -778,21 +779,30 @@ def rss_probe(args: Any) -> int:
     return 0
 
 
-def run_rss_probes(db: str, args: Any, concurrency: int) -> Dict[str, Dict[str, Any]]:
-    out: Dict[str, Dict[str, Any]] = {}
+def run_rss_probes(db: str, args: Any, concurrency: int) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
     for v in variants_for(db):
         cmd = [
-            sys.executable, os.path.abspath(__file__), "--rss-probe", v.key,
-            "--db", db, "--concurrency", str(concurrency),
-            "--pg-url", args.pg_url, "--sqlite-path", args.sqlite_path,
+            sys.executable,
+            os.path.abspath(__file__),
+            "--rss-probe",
+            v.key,
+            "--db",
+            db,
+            "--concurrency",
+            str(concurrency),
+            "--pg-url",
+            args.pg_url,
+            "--sqlite-path",
+            args.sqlite_path,
         ]
         if args.quick:
             cmd.append("--quick")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            line = [l for l in proc.stdout.splitlines() if l.startswith("RSSPROBE ")]
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RSSPROBE ")]
             if line:
-                out[v.key] = json.loads(line[-1][len("RSSPROBE "):])
+                out[v.key] = json.loads(line[-1][len("RSSPROBE ") :])
             else:
                 out[v.key] = {"error": (proc.stderr or proc.stdout)[-300:]}
         except subprocess.TimeoutExpired:
@@ -816,7 +826,7 @@ def run_rss_probes(db: str, args: Any, concurrency: int) -> Dict[str, Dict[str, 
 ALL_GROUPS = ("classic", "reuse", "scale", "cpu", "fairness", "hops")
 
 
-def parse_groups(spec: str) -> List[str]:
+def parse_groups(spec: str) -> list[str]:
     names = [g.strip() for g in spec.split(",") if g.strip()]
     if names == ["all"]:
         return list(ALL_GROUPS)
@@ -829,35 +839,79 @@ def parse_groups(spec: str) -> List[str]:
     return [g for g in ALL_GROUPS if g in names]
 
 
-def parse_args(argv: List[str]) -> Any:
-    p = argparse.ArgumentParser(
-        prog="bench", description="greenlet vs sqla-anyio-shim benchmarks"
+def parse_args(argv: list[str]) -> Any:
+    p = argparse.ArgumentParser(prog="bench", description="greenlet vs sqla-anyio-shim benchmarks")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny counts: prove every variant and workload runs"
     )
-    p.add_argument("--quick", action="store_true", help="tiny counts: prove every variant and workload runs")
-    p.add_argument("--cells", default="all", help="comma-separated cell groups: " + ",".join(ALL_GROUPS) + " (default all)")
-    p.add_argument("--merge", default=None, metavar="JSON", help="keep the groups of this earlier --json that this run does not measure")
-    p.add_argument("--cpu-python", default=None, help="interpreter for the cpu cells (default $BENCH_CPU_PYTHON or this one), e.g. a 3.14t venv's python")
-    p.add_argument("--variants", default=None, help="hand-off cells: only variants whose key contains one of these (comma-separated), e.g. for profiling")
-    p.add_argument("--reuse-tasks", default=None, help="task counts of the reuse cells (default 1,100,1000)")
-    p.add_argument("--scale-tasks", default=None, help="task counts of the scale cells (default 1000,5000,20000)")
+    p.add_argument(
+        "--cells",
+        default="all",
+        help="comma-separated cell groups: " + ",".join(ALL_GROUPS) + " (default all)",
+    )
+    p.add_argument(
+        "--merge",
+        default=None,
+        metavar="JSON",
+        help="keep the groups of this earlier --json that this run does not measure",
+    )
+    p.add_argument(
+        "--cpu-python",
+        default=None,
+        help="interpreter for the cpu cells (default $BENCH_CPU_PYTHON or this one), e.g. a 3.14t "
+        "venv's python",
+    )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="hand-off cells: only variants whose key contains one of these (comma-separated), "
+        "e.g. for profiling",
+    )
+    p.add_argument(
+        "--reuse-tasks", default=None, help="task counts of the reuse cells (default 1,100,1000)"
+    )
+    p.add_argument(
+        "--scale-tasks",
+        default=None,
+        help="task counts of the scale cells (default 1000,5000,20000)",
+    )
     p.add_argument("--cpu-tasks", default=None, help="task counts of the cpu cells (default 1,8)")
     p.add_argument("--out", default=None, help="write RESULTS.md here")
     p.add_argument("--plot", default=None, help="write the ratios PNG here")
     p.add_argument("--json", default=None, help="write the raw results here")
     p.add_argument("--db", default="all", choices=["sqlite", "postgresql", "all"])
-    p.add_argument("--concurrency", default=None, help="comma-separated task counts (default 1,10,100,1000; quick: 1,10)")
-    p.add_argument("--workloads", default=None, help="comma-separated subset of " + ",".join(LIGHT_WORKLOADS + HEAVY_WORKLOADS))
+    p.add_argument(
+        "--concurrency",
+        default=None,
+        help="comma-separated task counts (default 1,10,100,1000; quick: 1,10)",
+    )
+    p.add_argument(
+        "--workloads",
+        default=None,
+        help="comma-separated subset of " + ",".join(LIGHT_WORKLOADS + HEAVY_WORKLOADS),
+    )
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--pg-url", default=DEFAULT_PG_URL)
     p.add_argument("--sqlite-path", default=DEFAULT_SQLITE_PATH)
-    p.add_argument("--no-rss-probe", action="store_true", help="skip the isolated 1,000-task peak-RSS subprocesses")
-    p.add_argument("--allow-unavailable", action="store_true", help="exit 0 even if a variant was unavailable")
-    p.add_argument("--render-from", default=None, metavar="JSON", help="only re-render --out/--plot from a saved --json file")
+    p.add_argument(
+        "--no-rss-probe",
+        action="store_true",
+        help="skip the isolated 1,000-task peak-RSS subprocesses",
+    )
+    p.add_argument(
+        "--allow-unavailable", action="store_true", help="exit 0 even if a variant was unavailable"
+    )
+    p.add_argument(
+        "--render-from",
+        default=None,
+        metavar="JSON",
+        help="only re-render --out/--plot from a saved --json file",
+    )
     p.add_argument("--rss-probe", dest="probe_variant", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     # bench_cells.py imports this module as "bench": one copy, whichever way
     # it was loaded (script, or python -m sqla_anyio_shim bench)
     sys.modules.setdefault("bench", sys.modules[__name__])
@@ -878,12 +932,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     commit = git_describe()
     groups = parse_groups(args.cells)
-    log(f"sqla-anyio-shim benchmarks ({'quick' if args.quick else 'full'}): cells={','.join(groups)} dbs={dbs} concurrency={concurrencies}")
+    log(
+        f"sqla-anyio-shim benchmarks ({'quick' if args.quick else 'full'}): "
+        f"cells={','.join(groups)} dbs={dbs} concurrency={concurrencies}"
+    )
 
-    all_cells: List[Cell] = []
-    probes: Dict[str, Dict[str, Any]] = {}
-    server_versions: Dict[str, str] = {}
-    failed: List[str] = []
+    all_cells: list[Cell] = []
+    probes: dict[str, dict[str, Any]] = {}
+    server_versions: dict[str, str] = {}
+    failed: list[str] = []
     for db in dbs if "classic" in groups else []:
         try:
             server_versions[db] = ensure_database(db, args, sizes)
@@ -901,10 +958,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             pc = max(concurrencies)
             probes[db] = {"concurrency": pc, "results": run_rss_probes(db, args, pc)}
 
-    group_data: Dict[str, Any] = {}
+    group_data: dict[str, Any] = {}
     new_groups = [g for g in groups if g != "classic"]
     if new_groups:
-        import bench_cells  # noqa: E402  (sibling module, see _import_report)
+        import bench_cells
 
         group_data = bench_cells.run_groups(args, new_groups, sizes, dbs, failed)
         for g in group_data.values():
@@ -912,15 +969,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         server_versions.update({db: v for db, v in _SETUP.items() if db not in server_versions})
 
     elapsed = perf_counter() - t_start
-    unavailable: List[str] = []
+    unavailable: list[str] = []
     for cell in all_cells:
         for k, e in cell.errors.items():
             failed.append(f"{cell.db} {cell.workload} c={cell.concurrency} {k}: {e}")
         for k, e in cell.unavailable.items():
             unavailable.append(f"{cell.db} {cell.workload} c={cell.concurrency} {k}: {e}")
         for v in variants_for(cell.db):
-            if v.key not in cell.results and v.key not in cell.errors and v.key not in cell.unavailable:
-                failed.append(f"{cell.db} {cell.workload} c={cell.concurrency} {v.key}: did not run")
+            if (
+                v.key not in cell.results
+                and v.key not in cell.errors
+                and v.key not in cell.unavailable
+            ):
+                failed.append(
+                    f"{cell.db} {cell.workload} c={cell.concurrency} {v.key}: did not run"
+                )
     for db, pr in probes.items():
         for k, res in pr["results"].items():
             if "error" in res:
@@ -932,29 +995,36 @@ def main(argv: Optional[List[str]] = None) -> int:
         "meta": meta,
         "cells": [
             {
-                "db": c.db, "workload": c.workload, "concurrency": c.concurrency,
+                "db": c.db,
+                "workload": c.workload,
+                "concurrency": c.concurrency,
                 "per_task": c.per_task,
                 "summary": {k: c.summary(k) for k in c.results},
-                "errors": c.errors, "unavailable": c.unavailable,
+                "errors": c.errors,
+                "unavailable": c.unavailable,
             }
             for c in all_cells
         ],
         "rss_probes": probes,
-        "variants": {
-            db: [(v.key, v.baseline) for v in variants_for(db)] for db in dbs
-        } if "classic" in groups else {},
+        "variants": {db: [(v.key, v.baseline) for v in variants_for(db)] for db in dbs}
+        if "classic" in groups
+        else {},
         "groups": group_data,
     }
     if args.merge:
         data = merge_results(args.merge, data, groups)
-    import bench_report  # noqa: E402  (sibling module, see _import_report)
+    import bench_report
 
     if args.json:
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(bench_report.render_markdown(data, plot_name=os.path.basename(args.plot) if args.plot else None))
+            f.write(
+                bench_report.render_markdown(
+                    data, plot_name=os.path.basename(args.plot) if args.plot else None
+                )
+            )
         log(f"wrote {args.out}")
     if args.plot:
         try:
@@ -973,13 +1043,25 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def collect_meta(
-    args: Any, server_versions: Dict[str, str], started: str, elapsed: float,
-    sizes: Sizes, concurrencies: List[int],
-) -> Dict[str, Any]:
+    args: Any,
+    server_versions: dict[str, str],
+    started: str,
+    elapsed: float,
+    sizes: Sizes,
+    concurrencies: list[int],
+) -> dict[str, Any]:
     from importlib import metadata
 
     versions = {}
-    for dist in ("SQLAlchemy", "greenlet", "aiosqlite", "asyncpg", "psycopg", "anyio", "sqla-anyio-shim"):
+    for dist in (
+        "SQLAlchemy",
+        "greenlet",
+        "aiosqlite",
+        "asyncpg",
+        "psycopg",
+        "anyio",
+        "sqla-anyio-shim",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -1023,7 +1105,7 @@ def collect_meta(
     }
 
 
-def merge_results(path: str, data: Dict[str, Any], groups: List[str]) -> Dict[str, Any]:
+def merge_results(path: str, data: dict[str, Any], groups: list[str]) -> dict[str, Any]:
     """``data`` (this run) plus every group of the earlier run at ``path``
     that this run did not measure."""
     with open(path) as f:
@@ -1046,11 +1128,15 @@ def git_describe() -> str:
     try:
         head = subprocess.run(
             ["git", "-C", root, "log", "-1", "--format=%h %s"],
-            capture_output=True, text=True, timeout=10,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", root, "status", "--porcelain", "--", "sqla_anyio_shim"],
-            capture_output=True, text=True, timeout=10,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
     except Exception:
         return "?"
@@ -1071,7 +1157,11 @@ def render(args: Any) -> int:
         data = json.load(f)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(bench_report.render_markdown(data, plot_name=os.path.basename(args.plot) if args.plot else None))
+            f.write(
+                bench_report.render_markdown(
+                    data, plot_name=os.path.basename(args.plot) if args.plot else None
+                )
+            )
     if args.plot:
         bench_report.plot(data, args.plot)
     return 0

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import json
 import os
 import random
@@ -51,8 +52,9 @@ import sysconfig
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -73,16 +75,16 @@ GROUPS = ("reuse", "scale", "cpu", "fairness", "hops")
 @dataclass
 class GroupSizes:
     rounds: int
-    reuse_tasks: List[int]
-    reuse_k: Dict[int, int]  # tasks -> selects per session
-    scale_tasks: List[int]
+    reuse_tasks: list[int]
+    reuse_k: dict[int, int]  # tasks -> selects per session
+    scale_tasks: list[int]
     scale_rounds: int
-    cpu_tasks: List[int]
-    cpu_ops: Dict[int, int]  # tasks -> operations per task
+    cpu_tasks: list[int]
+    cpu_ops: dict[int, int]  # tasks -> operations per task
     cpu_rows: int
     fairness_rounds: int
-    hops_tasks: List[int]
-    hops_spawns: Dict[int, int]  # tasks -> greenlet_spawn() calls per task
+    hops_tasks: list[int]
+    hops_spawns: dict[int, int]  # tasks -> greenlet_spawn() calls per task
     hops_awaits: int = 10  # await_() per greenlet_spawn() in the "+await_" shape
     count_max_tasks: int = 100  # await_() counting pass only up to this many tasks
 
@@ -139,11 +141,11 @@ class Usage:
     cpu: float
 
     @classmethod
-    def now(cls) -> "Usage":
+    def now(cls) -> Usage:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return cls(perf_counter(), r.ru_nvcsw, r.ru_nivcsw, r.ru_utime + r.ru_stime)
 
-    def since(self, start: "Usage") -> Dict[str, float]:
+    def since(self, start: Usage) -> dict[str, float]:
         wall = self.t - start.t
         return {
             "wall": wall,
@@ -157,15 +159,15 @@ def pct(values: Sequence[float], q: float) -> float:
     s = sorted(values)
     if not s:
         return float("nan")
-    return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def median(xs: Sequence[float]) -> Optional[float]:
+def median(xs: Sequence[float]) -> float | None:
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
 
 
-def interpreter_info() -> Dict[str, Any]:
+def interpreter_info() -> dict[str, Any]:
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()
     ft = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
     return {
@@ -187,7 +189,7 @@ def _selected(key: str, args: Any) -> bool:
     return not pats or any(p in key for p in pats)
 
 
-def _rotate(xs: List[Any], rnd: int) -> List[Any]:
+def _rotate(xs: list[Any], rnd: int) -> list[Any]:
     if not xs:
         return xs
     k = rnd % len(xs)
@@ -208,9 +210,9 @@ class AwaitCounter:
     def __init__(self) -> None:
         self.n = 0
         self._lock = threading.Lock()
-        self._swapped: List[Tuple[Any, str, Any]] = []
+        self._swapped: list[tuple[Any, str, Any]] = []
 
-    def __enter__(self) -> "AwaitCounter":
+    def __enter__(self) -> AwaitCounter:
         from sqlalchemy.util import concurrency
 
         orig = concurrency.await_
@@ -255,27 +257,36 @@ REUSE_DRIVERS = [
 REUSE_POOL = 20
 
 
-def _pair(driver: str, name: str) -> List[core.Variant]:
+def _pair(driver: str, name: str) -> list[core.Variant]:
     g = f"greenlet+{name}"
     return [core.Variant(g, "greenlet", driver, g), core.Variant(f"shim+{name}", "shim", driver, g)]
 
 
 async def reuse_batch(
-    v: core.Variant, db: str, tasks: int, k: int, args: Any, sizes: core.Sizes,
-    rng: random.Random, timeout: float, count: bool = False,
-) -> Dict[str, Any]:
+    v: core.Variant,
+    db: str,
+    tasks: int,
+    k: int,
+    args: Any,
+    sizes: core.Sizes,
+    rng: random.Random,
+    timeout: float,
+    count: bool = False,
+) -> dict[str, Any]:
     from sqlalchemy import select
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
     core.use_implementation(v.kind)
-    engine = _async_engine(v.driver, db, args, pool_size=REUSE_POOL, max_overflow=0, pool_timeout=600)
+    engine = _async_engine(
+        v.driver, db, args, pool_size=REUSE_POOL, max_overflow=0, pool_timeout=600
+    )
     try:
         Item = core.schema()[1]
         Session = async_sessionmaker(engine, expire_on_commit=False)
         await core._impl_check(v, engine)
         ids = [rng.randint(1, sizes.items) for _ in range(tasks * k + tasks)]
 
-        async def task(j: int, n: int, base: int, lat: Optional[List[float]]) -> None:
+        async def task(j: int, n: int, base: int, lat: list[float] | None) -> None:
             async with Session() as s:
                 for m in range(n):
                     i = ids[base + j * n + m]
@@ -288,14 +299,14 @@ async def reuse_batch(
                     assert obj.id == i
 
         # selects after the first of a session: no wait for a pool connection
-        rest: List[float] = []
+        rest: list[float] = []
 
         # warm-up: one select per task (fills the pool, starts the threads)
         await asyncio.wait_for(
             asyncio.gather(*(task(j, 1, tasks * k, None) for j in range(tasks))), timeout
         )
         gc.collect()
-        lat: List[float] = []
+        lat: list[float] = []
         counter = AwaitCounter() if count else None
         if counter:
             counter.__enter__()
@@ -309,9 +320,14 @@ async def reuse_batch(
             if counter:
                 counter.__exit__()
         n = tasks * k
-        out: Dict[str, Any] = dict(u, ops=n, ops_per_s=n / u["wall"],
-                                   p50_us=pct(lat, 0.5) * 1e6, p99_us=pct(lat, 0.99) * 1e6,
-                                   p99_rest_us=pct(rest, 0.99) * 1e6)
+        out: dict[str, Any] = dict(
+            u,
+            ops=n,
+            ops_per_s=n / u["wall"],
+            p50_us=pct(lat, 0.5) * 1e6,
+            p99_us=pct(lat, 0.99) * 1e6,
+            p99_rest_us=pct(rest, 0.99) * 1e6,
+        )
         if counter:
             out["awaits"] = counter.n
         return out
@@ -319,11 +335,12 @@ async def reuse_batch(
         await engine.dispose()
 
 
-async def run_reuse(args: Any, gs: GroupSizes, sizes: core.Sizes, dbs: List[str],
-                    failed: List[str]) -> Dict[str, Any]:
+async def run_reuse(
+    args: Any, gs: GroupSizes, sizes: core.Sizes, dbs: list[str], failed: list[str]
+) -> dict[str, Any]:
     rng = random.Random(4321)
     timeout = 120.0 if args.quick else 900.0
-    cells: List[Dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []
     tasks_list = _int_list(args.reuse_tasks) or gs.reuse_tasks
     for db, driver, name in REUSE_DRIVERS:
         if db not in dbs:
@@ -331,8 +348,15 @@ async def run_reuse(args: Any, gs: GroupSizes, sizes: core.Sizes, dbs: List[str]
         variants = [v for v in _pair(driver, name) if _selected(v.key, args)]
         for tasks in tasks_list:
             k = gs.reuse_k_for(tasks)
-            cell: Dict[str, Any] = {"driver": name, "db": db, "tasks": tasks, "k": k,
-                                    "runs": {}, "errors": {}, "awaits_per_op": {}}
+            cell: dict[str, Any] = {
+                "driver": name,
+                "db": db,
+                "tasks": tasks,
+                "k": k,
+                "runs": {},
+                "errors": {},
+                "awaits_per_op": {},
+            }
             t_cell = perf_counter()
             log(f"[reuse {name} c={tasks} k={k}] started")  # loop_profile.py waits for this
             for rnd in range(gs.rounds):
@@ -343,7 +367,10 @@ async def run_reuse(args: Any, gs: GroupSizes, sizes: core.Sizes, dbs: List[str]
                         r = await reuse_batch(v, db, tasks, k, args, sizes, rng, timeout)
                     except Exception as err:
                         cell["errors"][v.key] = f"{type(err).__name__}: {err}"[:300]
-                        log(f"  ERROR reuse {name} c={tasks} {v.key}: {traceback.format_exc(limit=6)}")
+                        log(
+                            f"  ERROR reuse {name} c={tasks} {v.key}: "
+                            f"{traceback.format_exc(limit=6)}"
+                        )
                         continue
                     cell["runs"].setdefault(v.key, []).append(r)
             if tasks <= gs.count_max_tasks:
@@ -353,20 +380,27 @@ async def run_reuse(args: Any, gs: GroupSizes, sizes: core.Sizes, dbs: List[str]
                         continue
                     try:
                         kc = min(k, 20)
-                        r = await reuse_batch(v, db, tasks, kc, args, sizes, rng, timeout, count=True)
+                        r = await reuse_batch(
+                            v, db, tasks, kc, args, sizes, rng, timeout, count=True
+                        )
                         cell["awaits_per_op"][v.key] = r["awaits"] / r["ops"]
                     except Exception as err:
-                        cell["errors"][v.key + " (await_ count)"] = f"{type(err).__name__}: {err}"[:300]
+                        cell["errors"][v.key + " (await_ count)"] = f"{type(err).__name__}: {err}"[
+                            :300
+                        ]
             cell["summary"] = {key: _summarise(runs) for key, runs in cell["runs"].items()}
             for key, e in cell["errors"].items():
                 failed.append(f"reuse {name} c={tasks} {key}: {e}")
             cells.append(cell)
-            log(f"[reuse {name} c={tasks} k={k}] {perf_counter() - t_cell:.1f}s  " + _line(cell, variants))
+            log(
+                f"[reuse {name} c={tasks} k={k}] {perf_counter() - t_cell:.1f}s  "
+                + _line(cell, variants)
+            )
     core.use_implementation("greenlet")
     return {"cells": cells, "pool_size": REUSE_POOL}
 
 
-def _summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ops = runs[0]["ops"]
     return {
         "ops_per_s": median([r["ops_per_s"] for r in runs]),
@@ -382,7 +416,7 @@ def _summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     }
 
 
-def _line(cell: Dict[str, Any], variants: List[core.Variant]) -> str:
+def _line(cell: dict[str, Any], variants: list[core.Variant]) -> str:
     parts = []
     for v in variants:
         s = cell["summary"].get(v.key)
@@ -391,7 +425,10 @@ def _line(cell: Dict[str, Any], variants: List[core.Variant]) -> str:
             continue
         b = cell["summary"].get(v.baseline)
         ratio = f" ({s['ops_per_s'] / b['ops_per_s']:.2f}x)" if b and v.key != v.baseline else ""
-        parts.append(f"{v.key}={s['ops_per_s']:.0f}/s{ratio} p99={s['p99_us']:.0f}us csw/op={s['csw_per_op']:.1f}")
+        parts.append(
+            f"{v.key}={s['ops_per_s']:.0f}/s{ratio} p99={s['p99_us']:.0f}us "
+            f"csw/op={s['csw_per_op']:.1f}"
+        )
     return "  ".join(parts)
 
 
@@ -400,19 +437,32 @@ def _line(cell: Dict[str, Any], variants: List[core.Variant]) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _child_cmd(python: str, kind: str, variant: str, tasks: int, args: Any, extra: List[str]) -> List[str]:
-    return [python, os.path.abspath(__file__), "--child", kind, "--variant", variant,
-            "--tasks", str(tasks), "--sqlite-path", args.sqlite_path, *extra]
+def _child_cmd(
+    python: str, kind: str, variant: str, tasks: int, args: Any, extra: list[str]
+) -> list[str]:
+    return [
+        python,
+        os.path.abspath(__file__),
+        "--child",
+        kind,
+        "--variant",
+        variant,
+        "--tasks",
+        str(tasks),
+        "--sqlite-path",
+        args.sqlite_path,
+        *extra,
+    ]
 
 
-def _run_child(cmd: List[str], env: Dict[str, str], timeout: float) -> Dict[str, Any]:
+def _run_child(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CHILD ")]
     if lines:
-        return json.loads(lines[-1][len("CHILD "):])  # type: ignore[no-any-return]
+        return json.loads(lines[-1][len("CHILD ") :])  # type: ignore[no-any-return]
     return {"error": f"exit {proc.returncode}: " + (proc.stderr or proc.stdout)[-400:]}
 
 
@@ -420,18 +470,21 @@ SCALE_VARIANTS = _pair("sqlite+aiosqlite", "aiosqlite")
 SCALE_POOL = 5
 
 
-def run_scale(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, Any]:
-    cells: List[Dict[str, Any]] = []
+def run_scale(args: Any, gs: GroupSizes, failed: list[str]) -> dict[str, Any]:
+    cells: list[dict[str, Any]] = []
     variants = [v for v in SCALE_VARIANTS if _selected(v.key, args)]
     for tasks in _int_list(args.scale_tasks) or gs.scale_tasks:
-        cell: Dict[str, Any] = {"tasks": tasks, "runs": {}, "errors": {}}
+        cell: dict[str, Any] = {"tasks": tasks, "runs": {}, "errors": {}}
         t_cell = perf_counter()
         for rnd in range(gs.scale_rounds):
             for v in _rotate(variants, rnd):
                 if v.key in cell["errors"]:
                     continue
-                res = _run_child(_child_cmd(sys.executable, "scale", v.key, tasks, args, []),
-                                 dict(os.environ), 3600.0)
+                res = _run_child(
+                    _child_cmd(sys.executable, "scale", v.key, tasks, args, []),
+                    dict(os.environ),
+                    3600.0,
+                )
                 if "error" in res:
                     cell["errors"][v.key] = res["error"]
                     log(f"  ERROR scale c={tasks} {v.key}: {res['error']}")
@@ -460,15 +513,16 @@ def run_scale(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, Any]:
     return {"cells": cells, "pool_size": SCALE_POOL}
 
 
-def child_scale(cargs: Any) -> Dict[str, Any]:
+def child_scale(cargs: Any) -> dict[str, Any]:
     from sqlalchemy import select
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
     v = next(x for x in SCALE_VARIANTS if x.key == cargs.variant)
     core.use_implementation(v.kind)
     rss_before = core.read_status()["VmRSS"]
-    engine = _async_engine(v.driver, "sqlite", cargs, pool_size=SCALE_POOL, max_overflow=0,
-                           pool_timeout=3600)
+    engine = _async_engine(
+        v.driver, "sqlite", cargs, pool_size=SCALE_POOL, max_overflow=0, pool_timeout=3600
+    )
     Item = core.schema()[1]
     Session = async_sessionmaker(engine, expire_on_commit=False)
     n_items = _count_items(cargs)
@@ -479,7 +533,7 @@ def child_scale(cargs: Any) -> Dict[str, Any]:
             obj = (await s.execute(select(Item).where(Item.id == i))).scalar_one()
         assert obj.id == i
 
-    async def go() -> Dict[str, Any]:
+    async def go() -> dict[str, Any]:
         try:
             await core._impl_check(v, engine)
             await asyncio.gather(*(one(rng.randint(1, n_items)) for _ in range(SCALE_POOL)))
@@ -491,8 +545,13 @@ def child_scale(cargs: Any) -> Dict[str, Any]:
                 u = Usage.now().since(u0)
         finally:
             await engine.dispose()
-        return dict(u, hwm_kb=core.read_status()["VmHWM"], rss_before_kb=rss_before,
-                    peak_threads=sampler.peak_threads, peak_py_threads=sampler.peak_py_threads)
+        return dict(
+            u,
+            hwm_kb=core.read_status()["VmHWM"],
+            rss_before_kb=rss_before,
+            peak_threads=sampler.peak_threads,
+            peak_py_threads=sampler.peak_py_threads,
+        )
 
     return asyncio.run(go())
 
@@ -510,7 +569,7 @@ def _count_items(cargs: Any) -> int:
 # -- cpu: CPU-heavy ORM reads -------------------------------------------------
 
 # key -> (kind, driver, extra environment)
-CPU_VARIANTS: Dict[str, Tuple[str, str, Dict[str, str]]] = {
+CPU_VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
     "greenlet+aiosqlite": ("greenlet", "sqlite+aiosqlite", {}),
     "shim+aiosqlite": ("shim", "sqlite+aiosqlite", {}),
     "shim-sync+pysqlite": ("shim-sync", "sqlite+pysqlite", {}),
@@ -523,7 +582,7 @@ def cpu_python(args: Any) -> str:
     return str(args.cpu_python or os.environ.get("BENCH_CPU_PYTHON") or sys.executable)
 
 
-def run_cpu(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, Any]:
+def run_cpu(args: Any, gs: GroupSizes, failed: list[str]) -> dict[str, Any]:
     python = cpu_python(args)
     env = dict(os.environ)
     env.pop("PYTHON_GIL", None)
@@ -537,11 +596,23 @@ def run_cpu(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, Any]:
         where = os.path.dirname(os.path.dirname(os.path.abspath(sqla_anyio_shim.__file__)))
         if "site-packages" in where:
             where = os.path.dirname(HERE)
-        env["PYTHONPATH"] = where + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = where + (
+            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+        )
     info_proc = subprocess.run(
-        [python, "-c", "import sys, sysconfig, json; print(json.dumps([sys.version.split()[0], "
-         "bool(sysconfig.get_config_var('Py_GIL_DISABLED')), getattr(sys, '_is_gil_enabled', lambda: True)()]))"],
-        capture_output=True, text=True, timeout=60, env=env,
+        [
+            python,
+            "-c",
+            (
+                "import sys, sysconfig, json; print(json.dumps([sys.version.split()[0], "
+                "bool(sysconfig.get_config_var('Py_GIL_DISABLED')), "
+                "getattr(sys, '_is_gil_enabled', lambda: True)()]))"
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     try:
         ver, ft, gil = json.loads(info_proc.stdout)
@@ -551,11 +622,16 @@ def run_cpu(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, Any]:
     label = f"CPython {ver}{'t (free-threaded build)' if ft else ' (GIL build)'}"
     log(f"[cpu] interpreter: {python}: {label}")
     keys = [k for k in CPU_VARIANTS if _selected(k, args)]
-    cells: List[Dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []
     for tasks in _int_list(args.cpu_tasks) or gs.cpu_tasks:
         ops = gs.cpu_ops_for(tasks)
-        cell: Dict[str, Any] = {"tasks": tasks, "ops_per_task": ops, "rows": gs.cpu_rows,
-                                "runs": {}, "errors": {}}
+        cell: dict[str, Any] = {
+            "tasks": tasks,
+            "ops_per_task": ops,
+            "rows": gs.cpu_rows,
+            "runs": {},
+            "errors": {},
+        }
         t_cell = perf_counter()
         for rnd in range(gs.rounds):
             for key in _rotate(keys, rnd):
@@ -563,9 +639,16 @@ def run_cpu(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, Any]:
                     continue
                 cenv = dict(env, **CPU_VARIANTS[key][2])
                 res = _run_child(
-                    _child_cmd(python, "cpu", key, tasks, args,
-                               ["--ops", str(ops), "--rows", str(gs.cpu_rows)]),
-                    cenv, 900.0,
+                    _child_cmd(
+                        python,
+                        "cpu",
+                        key,
+                        tasks,
+                        args,
+                        ["--ops", str(ops), "--rows", str(gs.cpu_rows)],
+                    ),
+                    cenv,
+                    900.0,
                 )
                 if "error" in res or "unavailable" in res:
                     cell["errors"][key] = res.get("error") or "unavailable: " + res["unavailable"]
@@ -587,13 +670,21 @@ def run_cpu(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, Any]:
         for key, e in cell["errors"].items():
             failed.append(f"cpu c={tasks} {key}: {e}")
         cells.append(cell)
-        parts = [f"{k}={s['ops_per_s']:.0f}/s busy={s['cpu_busy']:.2f}" for k, s in cell["summary"].items()]
+        parts = [
+            f"{k}={s['ops_per_s']:.0f}/s busy={s['cpu_busy']:.2f}"
+            for k, s in cell["summary"].items()
+        ]
         log(f"[cpu c={tasks}] {perf_counter() - t_cell:.1f}s  " + "  ".join(parts))
-    return {"cells": cells, "python": python, "interpreter": label,
-            "free_threaded_build": ft, "gil_enabled_by_default": gil}
+    return {
+        "cells": cells,
+        "python": python,
+        "interpreter": label,
+        "free_threaded_build": ft,
+        "gil_enabled_by_default": gil,
+    }
 
 
-def child_cpu(cargs: Any) -> Dict[str, Any]:
+def child_cpu(cargs: Any) -> dict[str, Any]:
     from sqlalchemy import select
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -604,7 +695,9 @@ def child_cpu(cargs: Any) -> Dict[str, Any]:
         return {"unavailable": str(err)}
     v = core.Variant(cargs.variant, kind, driver, CPU_BASELINE)
     tasks, ops, rows = cargs.tasks, cargs.ops, cargs.rows
-    engine = _async_engine(driver, "sqlite", cargs, pool_size=tasks, max_overflow=0, pool_timeout=600)
+    engine = _async_engine(
+        driver, "sqlite", cargs, pool_size=tasks, max_overflow=0, pool_timeout=600
+    )
     Item = core.schema()[1]
     Session = async_sessionmaker(engine, expire_on_commit=False)
     n_items = _count_items(cargs)
@@ -612,35 +705,47 @@ def child_cpu(cargs: Any) -> Dict[str, Any]:
         raise RuntimeError(f"bench_items has {n_items} rows, the cpu cell needs {rows}")
     rng = random.Random(11)
 
-    async def op(lat: Optional[List[float]]) -> None:
+    async def op(lat: list[float] | None) -> None:
         start = rng.randint(1, n_items - rows + 1)
         t = perf_counter()
         async with Session() as s:
-            objs = (await s.execute(
-                select(Item).where(Item.id >= start).order_by(Item.id).limit(rows)
-            )).scalars().all()
+            objs = (
+                (
+                    await s.execute(
+                        select(Item).where(Item.id >= start).order_by(Item.id).limit(rows)
+                    )
+                )
+                .scalars()
+                .all()
+            )
         if lat is not None:
             lat.append(perf_counter() - t)
         assert len(objs) == rows, len(objs)
 
-    async def worker(n: int, lat: Optional[List[float]]) -> None:
+    async def worker(n: int, lat: list[float] | None) -> None:
         for _ in range(n):
             await op(lat)
 
-    async def go() -> Dict[str, Any]:
+    async def go() -> dict[str, Any]:
         try:
             await core._impl_check(v, engine)
             await asyncio.gather(*(worker(2, None) for _ in range(tasks)))
             gc.collect()
-            lat: List[float] = []
+            lat: list[float] = []
             u0 = Usage.now()
             await asyncio.gather(*(worker(ops, lat) for _ in range(tasks)))
             u = Usage.now().since(u0)
         finally:
             await engine.dispose()
         n = tasks * ops
-        return dict(u, ops=n, ops_per_s=n / u["wall"], p50_us=pct(lat, 0.5) * 1e6,
-                    p99_us=pct(lat, 0.99) * 1e6, interpreter=interpreter_info())
+        return dict(
+            u,
+            ops=n,
+            ops_per_s=n / u["wall"],
+            p50_us=pct(lat, 0.5) * 1e6,
+            p99_us=pct(lat, 0.99) * 1e6,
+            interpreter=interpreter_info(),
+        )
 
     return asyncio.run(go())
 
@@ -661,19 +766,19 @@ SLEEP = 0.005
 HARD_CAP = 3.0  # the query loop gives up by itself after this (a loop that cannot be cancelled)
 
 
-def fairness_once(kind: str, driver: str, backend: str, args: Any) -> Dict[str, Any]:
+def fairness_once(kind: str, driver: str, backend: str, args: Any) -> dict[str, Any]:
     import anyio
     from sqlalchemy import text
 
     core.use_implementation(kind)
 
-    async def scenario() -> Dict[str, Any]:
+    async def scenario() -> dict[str, Any]:
         engine = _async_engine(driver, "sqlite", args)
         try:
             async with engine.connect() as conn:
                 for _ in range(50):  # warm: connection, statement cache, worker
                     await conn.execute(text("select 1"))
-                wakes: List[float] = []
+                wakes: list[float] = []
 
                 async def sleeper() -> None:
                     wakes.append(perf_counter())
@@ -700,7 +805,7 @@ def fairness_once(kind: str, driver: str, backend: str, args: Any) -> Dict[str, 
         finally:
             await engine.dispose()
         # gaps between consecutive wake-ups whose interval overlaps [t0, t1]
-        gaps = [b - a for a, b in zip(wakes, wakes[1:]) if b > t0 and a < t1]
+        gaps = [b - a for a, b in itertools.pairwise(wakes) if b > t0 and a < t1]
         return {
             "overshoot_ms": (t1 - t0 - DEADLINE) * 1000,
             "worst_gap_ms": max(gaps) * 1000 if gaps else float("nan"),
@@ -713,10 +818,10 @@ def fairness_once(kind: str, driver: str, backend: str, args: Any) -> Dict[str, 
     return anyio.run(scenario, backend=backend)  # type: ignore[no-any-return]
 
 
-def run_fairness(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, Any]:
+def run_fairness(args: Any, gs: GroupSizes, failed: list[str]) -> dict[str, Any]:
     combos = [c for c in FAIRNESS_VARIANTS if _selected(c[0], args)]
-    runs: Dict[str, List[Dict[str, Any]]] = {}
-    errors: Dict[str, str] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    errors: dict[str, str] = {}
     t_cell = perf_counter()
     for rnd in range(gs.fairness_rounds):
         for key, kind, driver, backend in _rotate(combos, rnd):
@@ -743,23 +848,36 @@ def run_fairness(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, Any]
         }
     for label, e in errors.items():
         failed.append(f"fairness {label}: {e}")
-    log(f"[fairness] {perf_counter() - t_cell:.1f}s  " + "  ".join(
-        f"{k}: over={s['overshoot_ms']:.0f}ms gap={s['worst_gap_ms']:.1f}ms {s['rate']:.0f}/s"
-        for k, s in summary.items()))
-    return {"summary": summary, "errors": errors, "deadline_ms": DEADLINE * 1000,
-            "sleep_ms": SLEEP * 1000, "hard_cap_s": HARD_CAP,
-            "order": [f"{c[0]} / {c[3]}" for c in combos]}
+    log(
+        f"[fairness] {perf_counter() - t_cell:.1f}s  "
+        + "  ".join(
+            f"{k}: over={s['overshoot_ms']:.0f}ms gap={s['worst_gap_ms']:.1f}ms {s['rate']:.0f}/s"
+            for k, s in summary.items()
+        )
+    )
+    return {
+        "summary": summary,
+        "errors": errors,
+        "deadline_ms": DEADLINE * 1000,
+        "sleep_ms": SLEEP * 1000,
+        "hard_cap_s": HARD_CAP,
+        "order": [f"{c[0]} / {c[3]}" for c in combos],
+    }
 
 
 # ---------------------------------------------------------------------------
 # hops: the bare greenlet_spawn() / await_() round trip
 # ---------------------------------------------------------------------------
 
-HOPS_VARIANTS = [core.Variant("greenlet", "greenlet", "", "greenlet"),
-                 core.Variant("shim", "shim", "", "greenlet")]
+HOPS_VARIANTS = [
+    core.Variant("greenlet", "greenlet", "", "greenlet"),
+    core.Variant("shim", "shim", "", "greenlet"),
+]
 
 
-async def hops_batch(kind: str, tasks: int, spawns: int, awaits: int, awaitable: str) -> Dict[str, Any]:
+async def hops_batch(
+    kind: str, tasks: int, spawns: int, awaits: int, awaitable: str
+) -> dict[str, Any]:
     core.use_implementation(kind)
     from sqlalchemy.util import concurrency
 
@@ -786,16 +904,22 @@ async def hops_batch(kind: str, tasks: int, spawns: int, awaits: int, awaitable:
     return dict(u, spawns=tasks * spawns, awaits=tasks * spawns * awaits)
 
 
-async def run_hops(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, Any]:
+async def run_hops(args: Any, gs: GroupSizes, failed: list[str]) -> dict[str, Any]:
     variants = [v for v in HOPS_VARIANTS if _selected(v.key, args)]
-    cells: List[Dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []
     t_all = perf_counter()
     for awaitable in ("ready", "sleep0"):
         for tasks in gs.hops_tasks:
             for awaits in (0, gs.hops_awaits):
                 spawns = gs.spawns_for(tasks)
-                cell: Dict[str, Any] = {"awaitable": awaitable, "tasks": tasks, "awaits": awaits,
-                                        "spawns_per_task": spawns, "runs": {}, "errors": {}}
+                cell: dict[str, Any] = {
+                    "awaitable": awaitable,
+                    "tasks": tasks,
+                    "awaits": awaits,
+                    "spawns_per_task": spawns,
+                    "runs": {},
+                    "errors": {},
+                }
                 for rnd in range(gs.rounds):
                     for v in _rotate(variants, rnd):
                         try:
@@ -807,7 +931,9 @@ async def run_hops(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, An
                 cell["summary"] = {
                     key: {
                         "us_per_spawn": median([r["wall"] / r["spawns"] * 1e6 for r in runs]),
-                        "csw_per_spawn": median([(r["vcsw"] + r["ivcsw"]) / r["spawns"] for r in runs]),
+                        "csw_per_spawn": median(
+                            [(r["vcsw"] + r["ivcsw"]) / r["spawns"] for r in runs]
+                        ),
                         "vcsw_per_spawn": median([r["vcsw"] / r["spawns"] for r in runs]),
                         "cpu_busy": median([r["cpu_s"] / r["wall"] for r in runs]),
                     }
@@ -821,11 +947,26 @@ async def run_hops(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, An
     marginal = []
     for awaitable in ("ready", "sleep0"):
         for tasks in gs.hops_tasks:
-            c0 = next((c for c in cells if (c["awaitable"], c["tasks"], c["awaits"]) == (awaitable, tasks, 0)), None)
-            cn = next((c for c in cells if (c["awaitable"], c["tasks"], c["awaits"]) == (awaitable, tasks, gs.hops_awaits)), None)
+            c0 = next(
+                (
+                    c
+                    for c in cells
+                    if (c["awaitable"], c["tasks"], c["awaits"]) == (awaitable, tasks, 0)
+                ),
+                None,
+            )
+            cn = next(
+                (
+                    c
+                    for c in cells
+                    if (c["awaitable"], c["tasks"], c["awaits"])
+                    == (awaitable, tasks, gs.hops_awaits)
+                ),
+                None,
+            )
             if not c0 or not cn:
                 continue
-            row: Dict[str, Any] = {"awaitable": awaitable, "tasks": tasks, "by_variant": {}}
+            row: dict[str, Any] = {"awaitable": awaitable, "tasks": tasks, "by_variant": {}}
             for v in variants:
                 a, b = c0["summary"].get(v.key), cn["summary"].get(v.key)
                 if not a or not b:
@@ -840,9 +981,14 @@ async def run_hops(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, An
                 }
             marginal.append(row)
     for row in marginal:
-        log(f"[hops {row['awaitable']} c={row['tasks']}] " + "  ".join(
-            f"{k}: spawn {s['us_per_spawn']:.1f}us/{s['csw_per_spawn']:.2f}csw, await_ "
-            f"{s['us_per_await']:.1f}us/{s['csw_per_await']:.2f}csw" for k, s in row["by_variant"].items()))
+        log(
+            f"[hops {row['awaitable']} c={row['tasks']}] "
+            + "  ".join(
+                f"{k}: spawn {s['us_per_spawn']:.1f}us/{s['csw_per_spawn']:.2f}csw, await_ "
+                f"{s['us_per_await']:.1f}us/{s['csw_per_await']:.2f}csw"
+                for k, s in row["by_variant"].items()
+            )
+        )
     log(f"[hops] {perf_counter() - t_all:.1f}s")
     return {"cells": cells, "per_await": marginal, "awaits": gs.hops_awaits}
 
@@ -852,12 +998,13 @@ async def run_hops(args: Any, gs: GroupSizes, failed: List[str]) -> Dict[str, An
 # ---------------------------------------------------------------------------
 
 
-def _int_list(s: Optional[str]) -> List[int]:
+def _int_list(s: str | None) -> list[int]:
     return [int(x) for x in (s or "").split(",") if x]
 
 
-def run_groups(args: Any, groups: List[str], sizes: core.Sizes, dbs: List[str],
-               failed: List[str]) -> Dict[str, Any]:
+def run_groups(
+    args: Any, groups: list[str], sizes: core.Sizes, dbs: list[str], failed: list[str]
+) -> dict[str, Any]:
     """Run the selected groups; returns ``{group: data}``.  Problems are
     appended to ``failed``."""
     gs = QUICK if args.quick else FULL
@@ -875,13 +1022,18 @@ def run_groups(args: Any, groups: List[str], sizes: core.Sizes, dbs: List[str],
             failed.append(f"{db}: setup failed: {type(err).__name__}: {err}")
             log(f"{db}: setup failed: {err}")
             dbs = [d for d in dbs if d != db]
-    out: Dict[str, Any] = {}
-    stamp = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": bool(args.quick),
-             "interpreter": interpreter_info()["label"]}
+    out: dict[str, Any] = {}
+    stamp = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "quick": bool(args.quick),
+        "interpreter": interpreter_info()["label"],
+    }
     for g in groups:
         t0 = perf_counter()
         if g == "reuse":
-            data = asyncio.run(run_reuse(args, gs, sizes, [d for d in dbs if d in core._SETUP], failed))
+            data = asyncio.run(
+                run_reuse(args, gs, sizes, [d for d in dbs if d in core._SETUP], failed)
+            )
         elif g == "scale":
             data = run_scale(args, gs, failed) if "sqlite" in core._SETUP else {"cells": []}
         elif g == "cpu":
@@ -898,7 +1050,7 @@ def run_groups(args: Any, groups: List[str], sizes: core.Sizes, dbs: List[str],
     return out
 
 
-def child_main(argv: List[str]) -> int:
+def child_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench_cells (child)")
     p.add_argument("--child", required=True, choices=["scale", "cpu"])
     p.add_argument("--variant", required=True)
@@ -910,7 +1062,11 @@ def child_main(argv: List[str]) -> int:
     try:
         out = child_scale(cargs) if cargs.child == "scale" else child_cpu(cargs)
     except Exception as err:
-        out = {"error": f"{type(err).__name__}: {err}"[:300] + " | " + traceback.format_exc(limit=4)[-600:]}
+        out = {
+            "error": f"{type(err).__name__}: {err}"[:300]
+            + " | "
+            + traceback.format_exc(limit=4)[-600:]
+        }
     print("CHILD " + json.dumps(out), flush=True)
     return 0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 WORKLOAD_TITLES = {
     "core_pk": "Core select by primary key",
@@ -16,20 +16,20 @@ WORKLOAD_TITLES = {
 DB_TITLES = {"sqlite": "SQLite file", "postgresql": "PostgreSQL"}
 
 
-_VARIANTS: Dict[str, List[Tuple[str, str]]] = {}
+_VARIANTS: dict[str, list[tuple[str, str]]] = {}
 
 
-def _variants(db: str) -> List[Tuple[str, str]]:
+def _variants(db: str) -> list[tuple[str, str]]:
     # (key, baseline key), in table order; set from data["variants"]
     return _VARIANTS.get(db, [])
 
 
-def _load(data: Dict[str, Any]) -> None:
+def _load(data: dict[str, Any]) -> None:
     for db, pairs in data["variants"].items():
         _VARIANTS[db] = [tuple(p) for p in pairs]  # type: ignore[misc]
 
 
-def _fmt(x: Optional[float], nd: Optional[int] = None) -> str:
+def _fmt(x: float | None, nd: int | None = None) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     if nd is None:
@@ -37,21 +37,21 @@ def _fmt(x: Optional[float], nd: Optional[int] = None) -> str:
     return f"{x:,.{nd}f}"
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
 
 
-def _r(x: Optional[float]) -> str:
+def _r(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}×"
 
 
-def _cells(data: Dict[str, Any]) -> Dict[Tuple[str, str, int], Dict[str, Any]]:
+def _cells(data: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
     return {(c["db"], c["workload"], c["concurrency"]): c for c in data["cells"]}
 
 
-def _get(cells: Any, db: str, w: str, c: int, key: str, field: str) -> Optional[float]:
+def _get(cells: Any, db: str, w: str, c: int, key: str, field: str) -> float | None:
     cell = cells.get((db, w, c))
     if not cell:
         return None
@@ -61,12 +61,12 @@ def _get(cells: Any, db: str, w: str, c: int, key: str, field: str) -> Optional[
     return s[field]
 
 
-def goals(data: Dict[str, Any]) -> List[Tuple[str, str, str, str]]:
+def goals(data: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(goal, measured, target, verdict) rows."""
     cells = _cells(data)
-    rows: List[Tuple[str, str, str, str]] = []
+    rows: list[tuple[str, str, str, str]] = []
 
-    def check(goal: str, value: Optional[float], target: float, le: bool, detail: str = "") -> None:
+    def check(goal: str, value: float | None, target: float, le: bool, detail: str = "") -> None:
         if value is None:
             rows.append((goal, "not measured", ("≤ " if le else "≥ ") + f"{target:.2f}×", "n/a"))
             return
@@ -76,30 +76,41 @@ def goals(data: Dict[str, Any]) -> List[Tuple[str, str, str, str]]:
         else:
             miss = (value / target - 1) * 100 if le else (1 - value / target) * 100
             verdict = f"missed by {miss:.0f}%"
-        rows.append((goal, f"{value:.2f}×{detail}", ("≤ " if le else "≥ ") + f"{target:.2f}×", verdict))
+        rows.append(
+            (goal, f"{value:.2f}×{detail}", ("≤ " if le else "≥ ") + f"{target:.2f}×", verdict)
+        )
 
     w = "orm_select_pk"
     # 1. shim + aiosqlite latency at one task
     check(
         "shim+aiosqlite, ORM select by PK, 1 task: p50 latency / greenlet+aiosqlite",
-        _ratio(_get(cells, "sqlite", w, 1, "shim+aiosqlite", "p50_us"),
-               _get(cells, "sqlite", w, 1, "greenlet+aiosqlite", "p50_us")),
-        1.10, True,
+        _ratio(
+            _get(cells, "sqlite", w, 1, "shim+aiosqlite", "p50_us"),
+            _get(cells, "sqlite", w, 1, "greenlet+aiosqlite", "p50_us"),
+        ),
+        1.10,
+        True,
     )
     for drv in ("asyncpg", "psycopg_async"):
         g = f"greenlet+{drv}"
         s = f"shim+{drv}"
         check(
             f"{s}, ORM select by PK, 1 task: p50 latency / {g}",
-            _ratio(_get(cells, "postgresql", w, 1, s, "p50_us"),
-                   _get(cells, "postgresql", w, 1, g, "p50_us")),
-            1.10, True,
+            _ratio(
+                _get(cells, "postgresql", w, 1, s, "p50_us"),
+                _get(cells, "postgresql", w, 1, g, "p50_us"),
+            ),
+            1.10,
+            True,
         )
         check(
             f"{s}, ORM select by PK, 100 tasks: throughput / {g}",
-            _ratio(_get(cells, "postgresql", w, 100, s, "ops_per_s"),
-                   _get(cells, "postgresql", w, 100, g, "ops_per_s")),
-            0.95, False,
+            _ratio(
+                _get(cells, "postgresql", w, 100, s, "ops_per_s"),
+                _get(cells, "postgresql", w, 100, g, "ops_per_s"),
+            ),
+            0.95,
+            False,
         )
     for db, sync, g, thr in (
         ("sqlite", "shim-sync+pysqlite", "greenlet+aiosqlite", "to_thread+pysqlite"),
@@ -108,17 +119,23 @@ def goals(data: Dict[str, Any]) -> List[Tuple[str, str, str, str]]:
         check(
             f"{sync}, ORM select by PK, 1 task: p50 latency / {g}",
             _ratio(_get(cells, db, w, 1, sync, "p50_us"), _get(cells, db, w, 1, g, "p50_us")),
-            0.60, True,
+            0.60,
+            True,
         )
         check(
             f"{sync}, ORM select by PK, 1 task: p50 latency / {thr}",
             _ratio(_get(cells, db, w, 1, sync, "p50_us"), _get(cells, db, w, 1, thr, "p50_us")),
-            1.00, True,
+            1.00,
+            True,
         )
         check(
             f"{sync}, ORM select by PK, 100 tasks: throughput / {thr}",
-            _ratio(_get(cells, db, w, 100, sync, "ops_per_s"), _get(cells, db, w, 100, thr, "ops_per_s")),
-            1.00, False,
+            _ratio(
+                _get(cells, db, w, 100, sync, "ops_per_s"),
+                _get(cells, db, w, 100, thr, "ops_per_s"),
+            ),
+            1.00,
+            False,
         )
     # context for the 0.6x goal: how far below greenlet is the floor itself?
     for db, plain, g in (
@@ -127,10 +144,14 @@ def goals(data: Dict[str, Any]) -> List[Tuple[str, str, str, str]]:
     ):
         x = _ratio(_get(cells, db, w, 1, plain, "p50_us"), _get(cells, db, w, 1, g, "p50_us"))
         if x is not None:
-            rows.append((
-                f"(context) {plain}, the floor: ORM select by PK, 1 task: p50 latency / {g}",
-                f"{x:.2f}×", "–", "no sync-driver variant can beat this",
-            ))
+            rows.append(
+                (
+                    f"(context) {plain}, the floor: ORM select by PK, 1 task: p50 latency / {g}",
+                    f"{x:.2f}×",
+                    "–",
+                    "no sync-driver variant can beat this",
+                )
+            )
     # 1,000 tasks complete on every variant
     for db in ("sqlite", "postgresql"):
         c1000 = [c for c in data["cells"] if c["db"] == db and c["concurrency"] == 1000]
@@ -138,7 +159,7 @@ def goals(data: Dict[str, Any]) -> List[Tuple[str, str, str, str]]:
             continue
         total = 0
         ok = 0
-        bad: List[str] = []
+        bad: list[str] = []
         for c in c1000:
             for key, _ in _variants(db):
                 total += 1
@@ -147,11 +168,14 @@ def goals(data: Dict[str, Any]) -> List[Tuple[str, str, str, str]]:
                 else:
                     why = "unavailable" if key in c["unavailable"] else "failed"
                     bad.append(f"{key} {c['workload']} ({why})")
-        rows.append((
-            f"{DB_TITLES[db]}: 1,000 concurrent tasks complete on every variant and workload",
-            f"{ok}/{total}" + (": not " + ", ".join(bad) if bad else ""),
-            "all", "met" if ok == total else "missed",
-        ))
+        rows.append(
+            (
+                f"{DB_TITLES[db]}: 1,000 concurrent tasks complete on every variant and workload",
+                f"{ok}/{total}" + (": not " + ", ".join(bad) if bad else ""),
+                "all",
+                "met" if ok == total else "missed",
+            )
+        )
     # isolated peak RSS at 1,000 tasks
     for db, pr in data.get("rss_probes", {}).items():
         res = pr["results"]
@@ -160,29 +184,36 @@ def goals(data: Dict[str, Any]) -> List[Tuple[str, str, str, str]]:
                 continue
             a, b = res.get(key, {}), res.get(base, {})
             if "hwm_kb" not in a or "hwm_kb" not in b:
-                rows.append((
-                    f"{key} peak RSS at {pr['concurrency']:,} tasks / {base}",
-                    "not measured (" + (a.get("unavailable") or a.get("error") or b.get("error") or "?")[:80] + ")",
-                    "≤ 1.50×", "n/a",
-                ))
+                rows.append(
+                    (
+                        f"{key} peak RSS at {pr['concurrency']:,} tasks / {base}",
+                        "not measured ("
+                        + (a.get("unavailable") or a.get("error") or b.get("error") or "?")[:80]
+                        + ")",
+                        "≤ 1.50×",
+                        "n/a",
+                    )
+                )
                 continue
             ratio = a["hwm_kb"] / b["hwm_kb"]
             da = (a["hwm_kb"] - a["rss_before_kb"]) / 1024
             dbb = (b["hwm_kb"] - b["rss_before_kb"]) / 1024
             check(
                 f"{key} peak RSS (VmHWM) at {pr['concurrency']:,} tasks / {base}",
-                ratio, 1.50, True,
+                ratio,
+                1.50,
+                True,
                 f" ({a['hwm_kb'] / 1024:.0f} vs {b['hwm_kb'] / 1024:.0f} MB; growth during the run "
                 f"{da:.0f} vs {dbb:.0f} MB)",
             )
     return rows
 
 
-def render_markdown(data: Dict[str, Any], plot_name: Optional[str] = None) -> str:
+def render_markdown(data: dict[str, Any], plot_name: str | None = None) -> str:
     _load(data)
     meta = data["meta"]
     cells = _cells(data)
-    out: List[str] = []
+    out: list[str] = []
     a = out.append
     a("# Benchmarks: greenlet vs the thread bridge\n")
     a(
@@ -196,7 +227,10 @@ def render_markdown(data: Dict[str, Any], plot_name: Optional[str] = None) -> st
     a("## Machine and versions\n")
     v = meta["versions"]
     a(f"- date: {meta['date']}; full run took {meta['elapsed_s'] / 60:.1f} min")
-    a(f"- machine: {meta['cpu']}, {meta['cpus']} CPUs, {meta['mem_gb']:.1f} GiB RAM; {meta['platform']}")
+    a(
+        f"- machine: {meta['cpu']}, {meta['cpus']} CPUs, {meta['mem_gb']:.1f} GiB RAM; "
+        f"{meta['platform']}"
+    )
     a(f"- {meta['implementation']} {meta['python']}, asyncio event loop (default, no uvloop)")
     a("- " + ", ".join(f"{k} {val}" for k, val in v.items()))
     pg = meta["servers"].get("postgresql")
@@ -212,7 +246,7 @@ def render_markdown(data: Dict[str, Any], plot_name: Optional[str] = None) -> st
     return "\n".join(out) + "\n"
 
 
-def _render_classic(data: Dict[str, Any], meta: Dict[str, Any], cells: Any, a: Any) -> None:
+def _render_classic(data: dict[str, Any], meta: dict[str, Any], cells: Any, a: Any) -> None:
     """The issue-6 sections: goals, method, per-database tables, RSS probes."""
     a("## Goals (issue 6)\n")
     a("| goal | measured | target | verdict |")
@@ -230,7 +264,8 @@ def _render_classic(data: Dict[str, Any], meta: Dict[str, Any], cells: Any, a: A
     a("## Method\n")
     a(
         "- **One process, interleaved.** For every cell (database × workload × concurrency) "
-        f"the runner does {meta['rounds']} rounds ({meta.get('big_rounds', meta['rounds'])} at 1,000 tasks); each round runs one batch of every variant, "
+        f"the runner does {meta['rounds']} rounds ({meta.get('big_rounds', meta['rounds'])} at "
+        "1,000 tasks); each round runs one batch of every variant, "
         "in an order rotated by one from round to round. greenlet and the shim are toggled with "
         "`sqla_anyio_shim.uninstall()` / `install()` before each batch, and the runner asserts "
         "that `sqlalchemy.util.concurrency.greenlet_spawn` is (or is not) the bridge's and, at "
@@ -257,14 +292,15 @@ def _render_classic(data: Dict[str, Any], meta: Dict[str, Any], cells: Any, a: A
         "- **Pool.** `pool_size = min(tasks, 20)`, `max_overflow = 0`, `pool_timeout = 600` "
         "(PostgreSQL allows 100 connections; a user sizing for many tasks keeps well under that). "
         "`to_thread` uses anyio's default limiter (40 threads). `plain` uses one connection and "
-        "runs the `N × k` operations one after another in the loop's thread: its \"tasks\" column "
+        'runs the `N × k` operations one after another in the loop\'s thread: its "tasks" column '
         "only says how many operations it ran."
     )
     a(
         "- **Threads and RSS.** A sampler thread reads `/proc/self/status` every 5 ms during the "
         "timed part: *peak threads* is the OS thread count of the process (it includes the main "
         "thread and the sampler), *peak RSS* is the highest `VmRSS` seen (process-wide, so it also "
-        "carries whatever earlier batches left allocated). Because `VmHWM` is per process, the peak "
+        "carries whatever earlier batches left allocated). Because `VmHWM` is per process, the "
+        "peak "
         "RSS that the goal refers to is measured separately: one fresh subprocess per variant runs "
         "the ORM select at the largest concurrency (warm-up + 2 ops per task) and reports its "
         "`VmHWM`; see the last table."
@@ -280,13 +316,16 @@ def _render_classic(data: Dict[str, Any], meta: Dict[str, Any], cells: Any, a: A
         if not db_cells:
             continue
         a(f"## {DB_TITLES[db]}\n")
-        workloads: List[str] = []
+        workloads: list[str] = []
         for c in db_cells:
             if c["workload"] not in workloads:
                 workloads.append(c["workload"])
         for w in workloads:
             a("### " + WORKLOAD_TITLES[w].format(bulk=meta["bulk"], items=meta["items"]) + "\n")
-            a("| tasks | variant | ops/s | ×greenlet | p50 µs | ×greenlet | p99 µs | ×greenlet | peak threads | peak RSS MB |")
+            a(
+                "| tasks | variant | ops/s | ×greenlet | p50 µs | ×greenlet | p99 µs | ×greenlet | "
+                "peak threads | peak RSS MB |"
+            )
             a("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
             concs = sorted({c["concurrency"] for c in db_cells if c["workload"] == w})
             for conc in concs:
@@ -294,13 +333,16 @@ def _render_classic(data: Dict[str, Any], meta: Dict[str, Any], cells: Any, a: A
                 for key, base in _variants(db):
                     s = cell["summary"].get(key)
                     if not s:
-                        why = cell["unavailable"].get(key) or cell["errors"].get(key) or "did not run"
+                        why = (
+                            cell["unavailable"].get(key) or cell["errors"].get(key) or "did not run"
+                        )
                         label = "unavailable" if key in cell["unavailable"] else "FAILED"
                         a(f"| {conc:,} | {key} | {label}: {why[:120]} | | | | | | | |")
                         continue
                     b = cell["summary"].get(base) or {}
                     a(
-                        f"| {conc:,} | {key} | {_fmt(s['ops_per_s'])} | {_r(_ratio(s['ops_per_s'], b.get('ops_per_s')))} "
+                        f"| {conc:,} | {key} | {_fmt(s['ops_per_s'])} | "
+                        f"{_r(_ratio(s['ops_per_s'], b.get('ops_per_s')))} "
                         f"| {_fmt(s['p50_us'])} | {_r(_ratio(s['p50_us'], b.get('p50_us')))} "
                         f"| {_fmt(s['p99_us'])} | {_r(_ratio(s['p99_us'], b.get('p99_us')))} "
                         f"| {s['peak_threads']} | {_fmt(s['peak_rss_mb'])} |"
@@ -309,24 +351,30 @@ def _render_classic(data: Dict[str, Any], meta: Dict[str, Any], cells: Any, a: A
     probes = data.get("rss_probes", {})
     if probes:
         a("## Peak RSS in isolation (one subprocess per variant, ORM select by PK)\n")
-        a("| database | tasks | variant | VmHWM MB | ×greenlet | RSS before the run MB | growth MB | peak threads | ops/s |")
+        a(
+            "| database | tasks | variant | VmHWM MB | ×greenlet | RSS before the run MB | growth "
+            "MB | peak threads | ops/s |"
+        )
         a("|---|---:|---|---:|---:|---:|---:|---:|---:|")
         for db, pr in probes.items():
             res = pr["results"]
             for key, base in _variants(db):
                 r = res.get(key, {})
                 if "hwm_kb" not in r:
-                    a(f"| {DB_TITLES[db]} | {pr['concurrency']:,} | {key} | {(r.get('unavailable') or r.get('error') or '?')[:100]} | | | | | |")
+                    a(
+                        f"| {DB_TITLES[db]} | {pr['concurrency']:,} | {key} | "
+                        f"{(r.get('unavailable') or r.get('error') or '?')[:100]} | | | | | |"
+                    )
                     continue
                 b = res.get(base, {})
                 a(
                     f"| {DB_TITLES[db]} | {pr['concurrency']:,} | {key} | {r['hwm_kb'] / 1024:.1f} "
-                    f"| {_r(_ratio(r['hwm_kb'], b.get('hwm_kb')))} | {r['rss_before_kb'] / 1024:.1f} "
-                    f"| {(r['hwm_kb'] - r['rss_before_kb']) / 1024:.1f} | {r['peak_threads']} | {r['ops_per_s']:,.0f} |"
+                    f"| {_r(_ratio(r['hwm_kb'], b.get('hwm_kb')))} | "
+                    f"{r['rss_before_kb'] / 1024:.1f} "
+                    f"| {(r['hwm_kb'] - r['rss_before_kb']) / 1024:.1f} | {r['peak_threads']} | "
+                    f"{r['ops_per_s']:,.0f} |"
                 )
         a("")
-
-
 
 
 # ---------------------------------------------------------------------------
@@ -352,8 +400,15 @@ def _reuse_goal(tasks: int) -> float:
     return REUSE_GOALS[-1][1]
 
 
-def _goal_row(goal: str, value: Optional[float], target: float, le: bool, unit: str = "×",
-              detail: str = "", nd: int = 2) -> Tuple[str, str, str, str]:
+def _goal_row(
+    goal: str,
+    value: float | None,
+    target: float,
+    le: bool,
+    unit: str = "×",
+    detail: str = "",
+    nd: int = 2,
+) -> tuple[str, str, str, str]:
     tgt = ("≤ " if le else "≥ ") + (f"{target:.2f}×" if unit == "×" else f"{target:,.{nd}f}{unit}")
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return (goal, "not measured" + detail, tgt, "n/a")
@@ -368,95 +423,158 @@ def _goal_row(goal: str, value: Optional[float], target: float, le: bool, unit: 
     return (goal, shown + detail, tgt, verdict)
 
 
-def _s(cell: Dict[str, Any], key: str, field: str) -> Optional[float]:
+def _s(cell: dict[str, Any], key: str, field: str) -> float | None:
     s = cell.get("summary", {}).get(key)
     return None if not s else s.get(field)
 
 
-def handoff_goals(groups: Dict[str, Any]) -> List[Tuple[str, str, str, str]]:
-    rows: List[Tuple[str, str, str, str]] = []
+def handoff_goals(groups: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
     reuse = groups.get("reuse", {}).get("cells", [])
     for c in reuse:
         g, s = f"greenlet+{c['driver']}", f"shim+{c['driver']}"
-        rows.append(_goal_row(
-            f"reuse: {s}, {c['tasks']:,} task(s): throughput / {g}",
-            _ratio(_s(c, s, "ops_per_s"), _s(c, g, "ops_per_s")), _reuse_goal(c["tasks"]), False,
-        ))
+        rows.append(
+            _goal_row(
+                f"reuse: {s}, {c['tasks']:,} task(s): throughput / {g}",
+                _ratio(_s(c, s, "ops_per_s"), _s(c, g, "ops_per_s")),
+                _reuse_goal(c["tasks"]),
+                False,
+            )
+        )
     for drv in dict.fromkeys(c["driver"] for c in reuse):
         mid = [c for c in reuse if c["driver"] == drv and 1 < c["tasks"] <= 100]
         if mid:
             c = max(mid, key=lambda x: x["tasks"])
             g, s = f"greenlet+{drv}", f"shim+{drv}"
-            rows.append(_goal_row(
-                f"reuse: {s}, {c['tasks']:,} tasks: p99 latency / {g}",
-                _ratio(_s(c, s, "p99_us"), _s(c, g, "p99_us")), REUSE_P99_GOAL, True,
-            ))
+            rows.append(
+                _goal_row(
+                    f"reuse: {s}, {c['tasks']:,} tasks: p99 latency / {g}",
+                    _ratio(_s(c, s, "p99_us"), _s(c, g, "p99_us")),
+                    REUSE_P99_GOAL,
+                    True,
+                )
+            )
     scale = groups.get("scale", {}).get("cells", [])
     if scale:
         c = max(scale, key=lambda x: x["tasks"])
         g, s = "greenlet+aiosqlite", "shim+aiosqlite"
         n = f"scale: {c['tasks']:,} tasks, pool of 5"
-        rows.append(_goal_row(f"{n}: wall time / greenlet", _ratio(_s(c, s, "wall_s"), _s(c, g, "wall_s")),
-                              SCALE_GOAL, True))
-        rows.append(_goal_row(f"{n}: peak RSS (VmHWM) / greenlet", _ratio(_s(c, s, "hwm_mb"), _s(c, g, "hwm_mb")),
-                              SCALE_GOAL, True))
+        rows.append(
+            _goal_row(
+                f"{n}: wall time / greenlet",
+                _ratio(_s(c, s, "wall_s"), _s(c, g, "wall_s")),
+                SCALE_GOAL,
+                True,
+            )
+        )
+        rows.append(
+            _goal_row(
+                f"{n}: peak RSS (VmHWM) / greenlet",
+                _ratio(_s(c, s, "hwm_mb"), _s(c, g, "hwm_mb")),
+                SCALE_GOAL,
+                True,
+            )
+        )
         pt = _s(c, s, "peak_threads")
-        rows.append(_goal_row(f"{n}: peak OS threads of the shim", None if pt is None else float(pt),
-                              SCALE_THREADS, True, unit="", nd=0))
+        rows.append(
+            _goal_row(
+                f"{n}: peak OS threads of the shim",
+                None if pt is None else float(pt),
+                SCALE_THREADS,
+                True,
+                unit="",
+                nd=0,
+            )
+        )
     cpu = groups.get("cpu", {})
     for key, tasks, target in CPU_GOALS:
         c = next((x for x in cpu.get("cells", []) if x["tasks"] == tasks), None)
         if c is None:
             continue
         label = cpu.get("interpreter", "?")
-        rows.append(_goal_row(
-            f"cpu (400-row ORM reads, {label}): {key}, {tasks} task(s): throughput / greenlet+aiosqlite",
-            _ratio(_s(c, key, "ops_per_s"), _s(c, "greenlet+aiosqlite", "ops_per_s")), target, False,
-        ))
+        rows.append(
+            _goal_row(
+                f"cpu (400-row ORM reads, {label}): {key}, {tasks} task(s): throughput / "
+                "greenlet+aiosqlite",
+                _ratio(_s(c, key, "ops_per_s"), _s(c, "greenlet+aiosqlite", "ops_per_s")),
+                target,
+                False,
+            )
+        )
     fair = groups.get("fairness", {}).get("summary", {})
     for label, s in fair.items():
         if label.startswith("greenlet"):
             continue
         query_ms = 1000.0 / s["rate"] if s.get("rate") else 0.0
-        cap = f" ({s['hard_cap_hits']} round(s) hit the {groups['fairness'].get('hard_cap_s', '?')} s hard cap)" \
-            if s.get("hard_cap_hits") else ""
-        rows.append(_goal_row(
-            f"fairness: {label}: deadline overshoot, worst of {s['rounds']} rounds",
-            s["overshoot_max_ms"], FAIR_HOLD_MS + query_ms, True, unit=" ms", nd=1, detail=cap,
-        ))
-        rows.append(_goal_row(
-            f"fairness: {label}: the 5 ms sleeper's worst gap, worst of {s['rounds']} rounds "
-            f"(5 ms sleep + at most {FAIR_HOLD_MS:.0f} ms held)",
-            s["worst_gap_max_ms"], FAIR_HOLD_MS + 5.0, True, unit=" ms", nd=1,
-        ))
+        cap = (
+            f" ({s['hard_cap_hits']} round(s) hit the {groups['fairness'].get('hard_cap_s', '?')} "
+            "s hard cap)"
+            if s.get("hard_cap_hits")
+            else ""
+        )
+        rows.append(
+            _goal_row(
+                f"fairness: {label}: deadline overshoot, worst of {s['rounds']} rounds",
+                s["overshoot_max_ms"],
+                FAIR_HOLD_MS + query_ms,
+                True,
+                unit=" ms",
+                nd=1,
+                detail=cap,
+            )
+        )
+        rows.append(
+            _goal_row(
+                f"fairness: {label}: the 5 ms sleeper's worst gap, worst of {s['rounds']} rounds "
+                f"(5 ms sleep + at most {FAIR_HOLD_MS:.0f} ms held)",
+                s["worst_gap_max_ms"],
+                FAIR_HOLD_MS + 5.0,
+                True,
+                unit=" ms",
+                nd=1,
+            )
+        )
         if label.startswith("shim-sync"):
-            rows.append(_goal_row(
-                f"fairness: {label}: select 1/s in the loop (80% of the issue's low end, 15,000/s)",
-                s["rate"], FAIR_SYNC_RATE, False, unit="/s", nd=0,
-            ))
+            rows.append(
+                _goal_row(
+                    f"fairness: {label}: select 1/s in the loop (80% of the issue's low end, "
+                    "15,000/s)",
+                    s["rate"],
+                    FAIR_SYNC_RATE,
+                    False,
+                    unit="/s",
+                    nd=0,
+                )
+            )
     return rows
 
 
-def _stamp(g: Dict[str, Any]) -> str:
+def _stamp(g: dict[str, Any]) -> str:
     m = g.get("meta", {})
     commit = str(m.get("commit", "?"))
     if len(commit) > 90:
         commit = commit[:87] + "..."
     q = " **QUICK MODE: tiny sizes, figures are not meaningful.**" if m.get("quick") else ""
-    return (f"Measured {m.get('date', '?')} ({m.get('elapsed_s', 0) / 60:.1f} min), "
-            f"{m.get('interpreter', '?')}, shim `{commit}`.{q}\n")
+    return (
+        f"Measured {m.get('date', '?')} ({m.get('elapsed_s', 0) / 60:.1f} min), "
+        f"{m.get('interpreter', '?')}, shim `{commit}`.{q}\n"
+    )
 
 
-def render_handoff(data: Dict[str, Any]) -> List[str]:
+def render_handoff(data: dict[str, Any]) -> list[str]:
     groups = data["groups"]
-    out: List[str] = []
+    out: list[str] = []
     a = out.append
     a("## The hand-off under load (issue 10)\n")
-    a("Cells selectable with `--cells reuse,scale,cpu,fairness,hops`; `--merge results.json` keeps "
-      "the groups not re-run. Ratios are shim / greenlet measured in the same run, greenlet and "
-      "shim alternating (order rotated every round). Context switches are "
-      "`getrusage(RUSAGE_SELF)` `ru_nvcsw + ru_nivcsw` deltas over the timed part: the whole "
-      "process, including threads that exited meanwhile (the database server's are not counted).\n")
+    a(
+        "Cells selectable with `--cells reuse,scale,cpu,fairness,hops`; `--merge results.json` "
+        "keeps "
+        "the groups not re-run. Ratios are shim / greenlet measured in the same run, greenlet and "
+        "shim alternating (order rotated every round). Context switches are "
+        "`getrusage(RUSAGE_SELF)` `ru_nvcsw + ru_nivcsw` deltas over the timed part: the whole "
+        "process, including threads that exited meanwhile (the database server's are not "
+        "counted).\n"
+    )
     rows = handoff_goals(groups)
     if rows:
         a("### Goals (issue 10)\n")
@@ -465,114 +583,175 @@ def render_handoff(data: Dict[str, Any]) -> List[str]:
         for r in rows:
             a("| " + " | ".join(r) + " |")
         a("")
-        a("Noise: on a 2-core VM a ratio moves by about ±0.10 from run to run (more at 100+ tasks); "
-          "read verdicts within 0.1 of a ratio target as a tie.\n")
+        a(
+            "Noise: on a 2-core VM a ratio moves by about ±0.10 from run to run (more at 100+ "
+            "tasks); "
+            "read verdicts within 0.1 of a ratio target as a tie.\n"
+        )
     if "reuse" in groups:
         g = groups["reuse"]
         a("### Session reuse: one `AsyncSession` per task, K ORM selects by primary key\n")
         a(_stamp(g))
-        a(f"Each task opens one `AsyncSession` and runs K `select(Item).where(Item.id == i)` "
-          f"(random `i`), then closes it; pool_size {g.get('pool_size', 20)}, max_overflow 0. "
-          "An untimed warm-up (one select per task) fills the pool first. ops/s = selects / wall "
-          "time; p50 / p99 of the per-select latency (the first select of a session includes the "
-          "wait for a pool connection, which dominates p99 once tasks outnumber connections; "
-          "*p99 in-session* leaves the first select of each session out); medians over the rounds. "
-          "*await_()/op* is counted in a "
-          "separate untimed pass through a counting wrapper of SQLAlchemy's `await_` (up to 100 "
-          "tasks); *csw per await_* divides the timed pass's switches by it. *CPU busy* = process "
-          "CPU time / wall time (1.0 = one core).\n")
-        a("| driver | tasks × K | variant | ops/s | ×greenlet | p50 µs | ×greenlet | p99 µs | ×greenlet "
-          "| p99 in-session µs | ×greenlet | csw/op (vol + invol) | await_()/op | csw per await_ | CPU busy | rounds |")
+        a(
+            f"Each task opens one `AsyncSession` and runs K `select(Item).where(Item.id == i)` "
+            f"(random `i`), then closes it; pool_size {g.get('pool_size', 20)}, max_overflow 0. "
+            "An untimed warm-up (one select per task) fills the pool first. ops/s = selects / wall "
+            "time; p50 / p99 of the per-select latency (the first select of a session includes the "
+            "wait for a pool connection, which dominates p99 once tasks outnumber connections; "
+            "*p99 in-session* leaves the first select of each session out); medians over the "
+            "rounds. "
+            "*await_()/op* is counted in a "
+            "separate untimed pass through a counting wrapper of SQLAlchemy's `await_` (up to 100 "
+            "tasks); *csw per await_* divides the timed pass's switches by it. *CPU busy* = "
+            "process "
+            "CPU time / wall time (1.0 = one core).\n"
+        )
+        a(
+            "| driver | tasks × K | variant | ops/s | ×greenlet | p50 µs | ×greenlet | p99 µs | "
+            "×greenlet "
+            "| p99 in-session µs | ×greenlet | csw/op (vol + invol) | await_()/op | csw per await_ "
+            "| CPU busy | rounds |"
+        )
         a("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for c in g["cells"]:
             for key in (f"greenlet+{c['driver']}", f"shim+{c['driver']}"):
                 base = f"greenlet+{c['driver']}"
                 s = c["summary"].get(key)
                 if not s:
-                    a(f"| {c['driver']} | {c['tasks']:,} × {c['k']} | {key} | FAILED: "
-                      f"{c['errors'].get(key, 'did not run')[:120]} | | | | | | | | | | | | |")
+                    a(
+                        f"| {c['driver']} | {c['tasks']:,} × {c['k']} | {key} | FAILED: "
+                        f"{c['errors'].get(key, 'did not run')[:120]} | | | | | | | | | | | | |"
+                    )
                     continue
                 b = c["summary"].get(base) or {}
                 apo = c.get("awaits_per_op", {}).get(key)
-                a(f"| {c['driver']} | {c['tasks']:,} × {c['k']} | {key} | {_fmt(s['ops_per_s'])} "
-                  f"| {_r(_ratio(s['ops_per_s'], b.get('ops_per_s')))} | {_fmt(s['p50_us'])} "
-                  f"| {_r(_ratio(s['p50_us'], b.get('p50_us')))} | {_fmt(s['p99_us'])} "
-                  f"| {_r(_ratio(s['p99_us'], b.get('p99_us')))} | {_fmt(s.get('p99_rest_us'))} "
-                  f"| {_r(_ratio(s.get('p99_rest_us'), b.get('p99_rest_us')))} "
-                  f"| {s['csw_per_op']:.1f} ({s['vcsw_per_op']:.1f} + {s['ivcsw_per_op']:.1f}) "
-                  f"| {_fmt(apo)} | {_fmt(s['csw_per_op'] / apo if apo else None)} "
-                  f"| {s['cpu_busy']:.2f} | {s['rounds']} |")
+                a(
+                    f"| {c['driver']} | {c['tasks']:,} × {c['k']} | {key} | {_fmt(s['ops_per_s'])} "
+                    f"| {_r(_ratio(s['ops_per_s'], b.get('ops_per_s')))} | {_fmt(s['p50_us'])} "
+                    f"| {_r(_ratio(s['p50_us'], b.get('p50_us')))} | {_fmt(s['p99_us'])} "
+                    f"| {_r(_ratio(s['p99_us'], b.get('p99_us')))} | {_fmt(s.get('p99_rest_us'))} "
+                    f"| {_r(_ratio(s.get('p99_rest_us'), b.get('p99_rest_us')))} "
+                    f"| {s['csw_per_op']:.1f} ({s['vcsw_per_op']:.1f} + {s['ivcsw_per_op']:.1f}) "
+                    f"| {_fmt(apo)} | {_fmt(s['csw_per_op'] / apo if apo else None)} "
+                    f"| {s['cpu_busy']:.2f} | {s['rounds']} |"
+                )
         a("")
     if "hops" in groups:
         g = groups["hops"]
         a("### The bare hand-off: `greenlet_spawn()` and `await_()` round trips\n")
         a(_stamp(g))
-        a(f"N tasks each await `greenlet_spawn(fn)` repeatedly; `fn` does 0 or {g.get('awaits', 10)} "
-          "`await_()` of a trivial awaitable: *ready* (a coroutine that returns at once: the pure "
-          "hop) or *sleep0* (`asyncio.sleep(0)`: one trip through the loop, so tasks interleave as "
-          "with real I/O). Per `greenlet_spawn()`: the 0-await run; per `await_()`: the marginal "
-          "cost, (per spawn with N awaits − per spawn with 0) / N. Medians over the rounds.\n")
-        a("| awaitable | tasks | variant | µs per spawn | csw per spawn (vol + invol) | µs per await_() "
-          "| ×greenlet | csw per await_() (vol + invol) |")
+        a(
+            "N tasks each await `greenlet_spawn(fn)` repeatedly; `fn` does 0 or "
+            f"{g.get('awaits', 10)} "
+            "`await_()` of a trivial awaitable: *ready* (a coroutine that returns at once: the "
+            "pure "
+            "hop) or *sleep0* (`asyncio.sleep(0)`: one trip through the loop, so tasks interleave "
+            "as "
+            "with real I/O). Per `greenlet_spawn()`: the 0-await run; per `await_()`: the marginal "
+            "cost, (per spawn with N awaits − per spawn with 0) / N. Medians over the rounds.\n"
+        )
+        a(
+            "| awaitable | tasks | variant | µs per spawn | csw per spawn (vol + invol) | µs per "
+            "await_() "
+            "| ×greenlet | csw per await_() (vol + invol) |"
+        )
         a("|---|---:|---|---:|---:|---:|---:|---:|")
         for row in g.get("per_await", []):
             gv = row["by_variant"].get("greenlet", {})
             for key, s in row["by_variant"].items():
-                vs, va = s.get("vcsw_per_spawn", float("nan")), s.get("vcsw_per_await", float("nan"))
-                a(f"| {row['awaitable']} | {row['tasks']:,} | {key} | {s['us_per_spawn']:.1f} "
-                  f"| {s['csw_per_spawn']:.2f} ({vs:.2f} + {s['csw_per_spawn'] - vs:.2f}) "
-                  f"| {s['us_per_await']:.1f} | {_r(_ratio(s['us_per_await'], gv.get('us_per_await')))} "
-                  f"| {s['csw_per_await']:.2f} ({va:.2f} + {s['csw_per_await'] - va:.2f}) |")
+                vs, va = (
+                    s.get("vcsw_per_spawn", float("nan")),
+                    s.get("vcsw_per_await", float("nan")),
+                )
+                a(
+                    f"| {row['awaitable']} | {row['tasks']:,} | {key} | {s['us_per_spawn']:.1f} "
+                    f"| {s['csw_per_spawn']:.2f} ({vs:.2f} + {s['csw_per_spawn'] - vs:.2f}) "
+                    f"| {s['us_per_await']:.1f} | "
+                    f"{_r(_ratio(s['us_per_await'], gv.get('us_per_await')))} "
+                    f"| {s['csw_per_await']:.2f} ({va:.2f} + {s['csw_per_await'] - va:.2f}) |"
+                )
         a("")
     if "scale" in groups:
         g = groups["scale"]
         a("### Scale: many tasks waiting for a pool of 5\n")
         a(_stamp(g))
-        a(f"N tasks each open an `AsyncSession` for one ORM select by primary key on aiosqlite, pool_size "
-          f"{g.get('pool_size', 5)}, max_overflow 0, pool_timeout 3600 s; all started at once. One fresh "
-          "subprocess per measurement (VmHWM is per process), greenlet and shim alternating. Wall "
-          "time of the N tasks (after a 5-select warm-up); peak OS threads from a sampler thread "
-          "reading `/proc/self/status` every 5 ms; VmHWM at the end (includes the ~50 MB of imports: "
-          "see the RSS-before column). Medians over the rounds (threads: max).\n")
-        a("| tasks | variant | wall s | ×greenlet | peak threads | VmHWM MB | ×greenlet | RSS before MB "
-          "| context switches | CPU busy | rounds |")
+        a(
+            "N tasks each open an `AsyncSession` for one ORM select by primary key on aiosqlite, "
+            "pool_size "
+            f"{g.get('pool_size', 5)}, max_overflow 0, pool_timeout 3600 s; all started at once. "
+            "One fresh "
+            "subprocess per measurement (VmHWM is per process), greenlet and shim alternating. "
+            "Wall "
+            "time of the N tasks (after a 5-select warm-up); peak OS threads from a sampler thread "
+            "reading `/proc/self/status` every 5 ms; VmHWM at the end (includes the ~50 MB of "
+            "imports: "
+            "see the RSS-before column). Medians over the rounds (threads: max).\n"
+        )
+        a(
+            "| tasks | variant | wall s | ×greenlet | peak threads | VmHWM MB | ×greenlet | RSS "
+            "before MB "
+            "| context switches | CPU busy | rounds |"
+        )
         a("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for c in g["cells"]:
             for key in ("greenlet+aiosqlite", "shim+aiosqlite"):
                 s = c["summary"].get(key)
                 if not s:
-                    a(f"| {c['tasks']:,} | {key} | FAILED: {c['errors'].get(key, 'did not run')[:120]} "
-                      "| | | | | | | | |")
+                    a(
+                        f"| {c['tasks']:,} | {key} | FAILED: "
+                        f"{c['errors'].get(key, 'did not run')[:120]} "
+                        "| | | | | | | | |"
+                    )
                     continue
                 b = c["summary"].get("greenlet+aiosqlite") or {}
-                a(f"| {c['tasks']:,} | {key} | {s['wall_s']:.2f} | {_r(_ratio(s['wall_s'], b.get('wall_s')))} "
-                  f"| {s['peak_threads']:,} | {s['hwm_mb']:.0f} | {_r(_ratio(s['hwm_mb'], b.get('hwm_mb')))} "
-                  f"| {s['rss_before_mb']:.0f} | {s['csw']:,.0f} | {s['cpu_busy']:.2f} | {s['rounds']} |")
+                a(
+                    f"| {c['tasks']:,} | {key} | {s['wall_s']:.2f} | "
+                    f"{_r(_ratio(s['wall_s'], b.get('wall_s')))} "
+                    f"| {s['peak_threads']:,} | {s['hwm_mb']:.0f} | "
+                    f"{_r(_ratio(s['hwm_mb'], b.get('hwm_mb')))} "
+                    f"| {s['rss_before_mb']:.0f} | {s['csw']:,.0f} | {s['cpu_busy']:.2f} | "
+                    f"{s['rounds']} |"
+                )
         a("")
     if "cpu" in groups:
         g = groups["cpu"]
         a("### CPU-heavy ORM reads: 400 rows materialised per operation\n")
         a(_stamp(g))
-        a(f"Interpreter: **{g.get('interpreter', '?')}** (`{g.get('python', '?')}`). "
-          + ("" if g.get("free_threaded_build") else
-             "**Not a free-threaded build: the goals are for 3.14t; `PYTHON_GIL=1` changes nothing here.** ")
-          + "Each operation opens an `AsyncSession`, selects 400 consecutive rows from a random "
-          "start into ORM objects and closes the session; N tasks run their operations one after "
-          "another; pool_size N. One subprocess per measurement (`PYTHON_GIL` is read at start-up), "
-          "warm-up of 2 operations per task, variants in an order rotated every round. "
-          "*×1 task*: the same variant's ops/s at this task count over its ops/s at 1 task (does it "
-          "use the second core?). *CPU busy* = process CPU time / wall (2.0 = both cores).\n")
-        a("| tasks | variant | GIL | ops/s | ×greenlet | ×1 task | p50 ms | p99 ms | CPU busy | csw/op | rounds |")
+        a(
+            f"Interpreter: **{g.get('interpreter', '?')}** (`{g.get('python', '?')}`). "
+            + (
+                ""
+                if g.get("free_threaded_build")
+                else "**Not a free-threaded build: the goals are for 3.14t; `PYTHON_GIL=1` changes "
+                "nothing here.** "
+            )
+            + "Each operation opens an `AsyncSession`, selects 400 consecutive rows from a random "
+            "start into ORM objects and closes the session; N tasks run their operations one after "
+            "another; pool_size N. One subprocess per measurement (`PYTHON_GIL` is read at "
+            "start-up), "
+            "warm-up of 2 operations per task, variants in an order rotated every round. "
+            "*×1 task*: the same variant's ops/s at this task count over its ops/s at 1 task (does "
+            "it "
+            "use the second core?). *CPU busy* = process CPU time / wall (2.0 = both cores).\n"
+        )
+        a(
+            "| tasks | variant | GIL | ops/s | ×greenlet | ×1 task | p50 ms | p99 ms | CPU busy | "
+            "csw/op | rounds |"
+        )
         a("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         one = next((c for c in g["cells"] if c["tasks"] == 1), None)
         for c in g["cells"]:
             for key, s in c["summary"].items():
                 b = c["summary"].get("greenlet+aiosqlite") or {}
                 s1 = (one or {}).get("summary", {}).get(key) or {}
-                a(f"| {c['tasks']} | {key} | {'on' if s['gil_enabled'] else 'off'} | {_fmt(s['ops_per_s'])} "
-                  f"| {_r(_ratio(s['ops_per_s'], b.get('ops_per_s')))} "
-                  f"| {_r(_ratio(s['ops_per_s'], s1.get('ops_per_s')))} | {s['p50_ms']:.2f} "
-                  f"| {s['p99_ms']:.2f} | {s['cpu_busy']:.2f} | {s['csw_per_op']:.1f} | {s['rounds']} |")
+                a(
+                    f"| {c['tasks']} | {key} | {'on' if s['gil_enabled'] else 'off'} | "
+                    f"{_fmt(s['ops_per_s'])} "
+                    f"| {_r(_ratio(s['ops_per_s'], b.get('ops_per_s')))} "
+                    f"| {_r(_ratio(s['ops_per_s'], s1.get('ops_per_s')))} | {s['p50_ms']:.2f} "
+                    f"| {s['p99_ms']:.2f} | {s['cpu_busy']:.2f} | {s['csw_per_op']:.1f} | "
+                    f"{s['rounds']} |"
+                )
             for key, e in c["errors"].items():
                 a(f"| {c['tasks']} | {key} | | FAILED: {e[:120]} | | | | | | | |")
         a("")
@@ -580,56 +759,92 @@ def render_handoff(data: Dict[str, Any]) -> List[str]:
         g = groups["fairness"]
         a("### Fairness: a tight query loop under a deadline, next to a 5 ms sleeper\n")
         a(_stamp(g))
-        a(f"One task loops on `await conn.execute(text(\"select 1\"))` (one connection, SQLite file) "
-          f"inside `anyio.move_on_after({g.get('deadline_ms', 100) / 1000:g})`; a second task loops on "
-          f"`anyio.sleep({g.get('sleep_ms', 5) / 1000:g})` and records when it wakes. *Overshoot* = "
-          "time the loop ran past its deadline; *worst gap* = longest interval between two wake-ups "
-          "of the sleeper overlapping the loop's run (5 ms is perfect); *wakes* = the sleeper's "
-          f"wake-ups during the loop. A loop that is not stopped by its deadline gives up by itself "
-          f"after {g.get('hard_cap_s', 3)} s (*hard cap*). Median (worst) over the rounds.\n")
-        a("| variant / backend | overshoot ms | worst gap ms | select 1/s | sleeper wakes | hard cap hits | rounds |")
+        a(
+            'One task loops on `await conn.execute(text("select 1"))` '
+            "(one connection, SQLite file) "
+            f"inside `anyio.move_on_after({g.get('deadline_ms', 100) / 1000:g})`; a second task "
+            "loops on "
+            f"`anyio.sleep({g.get('sleep_ms', 5) / 1000:g})` and records when it wakes. "
+            "*Overshoot* = "
+            "time the loop ran past its deadline; *worst gap* = longest interval between two "
+            "wake-ups "
+            "of the sleeper overlapping the loop's run (5 ms is perfect); *wakes* = the sleeper's "
+            "wake-ups during the loop. A loop that is not stopped by its deadline gives up by "
+            "itself "
+            f"after {g.get('hard_cap_s', 3)} s (*hard cap*). Median (worst) over the rounds.\n"
+        )
+        a(
+            "| variant / backend | overshoot ms | worst gap ms | select 1/s | sleeper wakes | hard "
+            "cap hits | rounds |"
+        )
         a("|---|---:|---:|---:|---:|---:|---:|")
         for label, s in g.get("summary", {}).items():
-            a(f"| {label} | {s['overshoot_ms']:.1f} ({s['overshoot_max_ms']:.1f}) "
-              f"| {s['worst_gap_ms']:.1f} ({s['worst_gap_max_ms']:.1f}) | {_fmt(s['rate'])} "
-              f"| {s['sleeper_wakes']:.0f} | {s['hard_cap_hits']} | {s['rounds']} |")
+            a(
+                f"| {label} | {s['overshoot_ms']:.1f} ({s['overshoot_max_ms']:.1f}) "
+                f"| {s['worst_gap_ms']:.1f} ({s['worst_gap_max_ms']:.1f}) | {_fmt(s['rate'])} "
+                f"| {s['sleeper_wakes']:.0f} | {s['hard_cap_hits']} | {s['rounds']} |"
+            )
         for label, e in g.get("errors", {}).items():
             a(f"| {label} | FAILED: {e[:150]} | | | | | |")
         a("")
     return out
 
 
-def handoff_bars(groups: Dict[str, Any]) -> List[Tuple[str, str, Optional[float], Optional[float]]]:
+def handoff_bars(groups: dict[str, Any]) -> list[tuple[str, str, float | None, float | None]]:
     """(group, label, shim/greenlet ratio with higher = better, goal) per bar."""
-    bars: List[Tuple[str, str, Optional[float], Optional[float]]] = []
+    bars: list[tuple[str, str, float | None, float | None]] = []
     for c in groups.get("reuse", {}).get("cells", []):
         g, s = f"greenlet+{c['driver']}", f"shim+{c['driver']}"
-        bars.append(("reuse", f"reuse\n{c['driver']}\n{c['tasks']}",
-                     _ratio(_s(c, s, "ops_per_s"), _s(c, g, "ops_per_s")), _reuse_goal(c["tasks"])))
+        bars.append(
+            (
+                "reuse",
+                f"reuse\n{c['driver']}\n{c['tasks']}",
+                _ratio(_s(c, s, "ops_per_s"), _s(c, g, "ops_per_s")),
+                _reuse_goal(c["tasks"]),
+            )
+        )
     goals = {(k, t): v for k, t, v in CPU_GOALS}
-    short = {"shim+aiosqlite": "shim", "shim-sync+pysqlite": "shim-sync",
-             "shim+aiosqlite PYTHON_GIL=1": "GIL=1"}
+    short = {
+        "shim+aiosqlite": "shim",
+        "shim-sync+pysqlite": "shim-sync",
+        "shim+aiosqlite PYTHON_GIL=1": "GIL=1",
+    }
     for c in groups.get("cpu", {}).get("cells", []):
         for key in c["summary"]:
             if key.startswith("greenlet"):
                 continue
-            bars.append(("cpu", f"cpu\n{short.get(key, key)}\n{c['tasks']}",
-                         _ratio(_s(c, key, "ops_per_s"), _s(c, "greenlet+aiosqlite", "ops_per_s")),
-                         goals.get((key, c["tasks"]))))
+            bars.append(
+                (
+                    "cpu",
+                    f"cpu\n{short.get(key, key)}\n{c['tasks']}",
+                    _ratio(_s(c, key, "ops_per_s"), _s(c, "greenlet+aiosqlite", "ops_per_s")),
+                    goals.get((key, c["tasks"])),
+                )
+            )
     for c in groups.get("scale", {}).get("cells", []):
         for field, name in (("wall_s", "speed"), ("hwm_mb", "RSS")):
             # inverted (greenlet / shim) so that higher is better, as for the others
-            bars.append(("scale", f"scale\n{name}\n{c['tasks']}",
-                         _ratio(_s(c, "greenlet+aiosqlite", field), _s(c, "shim+aiosqlite", field)),
-                         1 / SCALE_GOAL))
+            bars.append(
+                (
+                    "scale",
+                    f"scale\n{name}\n{c['tasks']}",
+                    _ratio(_s(c, "greenlet+aiosqlite", field), _s(c, "shim+aiosqlite", field)),
+                    1 / SCALE_GOAL,
+                )
+            )
     return bars
 
 
-def _plot_handoff(ax: Any, bars: List[Tuple[str, str, Optional[float], Optional[float]]]) -> None:
+def _plot_handoff(ax: Any, bars: list[tuple[str, str, float | None, float | None]]) -> None:
     colors = {"reuse": "tab:blue", "cpu": "tab:orange", "scale": "tab:green"}
     for i, (group, _label, val, goal) in enumerate(bars):
-        ax.bar(i, val or 0.0, 0.7, color=colors[group],
-               label=group if group not in [b[0] for b in bars[:i]] else None)
+        ax.bar(
+            i,
+            val or 0.0,
+            0.7,
+            color=colors[group],
+            label=group if group not in [b[0] for b in bars[:i]] else None,
+        )
         if goal is not None:
             ax.hlines(goal, i - 0.4, i + 0.4, colors="black", linewidth=2)
     ax.axhline(1.0, color="black", linewidth=0.8)
@@ -641,13 +856,15 @@ def _plot_handoff(ax: Any, bars: List[Tuple[str, str, Optional[float], Optional[
     ax.set_xticks(range(len(bars)))
     ax.set_xticklabels([b[1] for b in bars], fontsize=7)
     ax.set_ylabel("shim relative to greenlet (higher is better)")
-    ax.set_title("The hand-off under load (issue 10): reuse and cpu = ops/s ratio; "
-                 "scale = greenlet/shim time and peak RSS. Black ticks: the issue's goals")
+    ax.set_title(
+        "The hand-off under load (issue 10): reuse and cpu = ops/s ratio; "
+        "scale = greenlet/shim time and peak RSS. Black ticks: the issue's goals"
+    )
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
 
 
-def plot(data: Dict[str, Any], path: str) -> None:
+def plot(data: dict[str, Any], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -655,7 +872,9 @@ def plot(data: Dict[str, Any], path: str) -> None:
 
     _load(data)
     cells = _cells(data)
-    dbs = [db for db in ("sqlite", "postgresql") if any(c["db"] == db for c in data.get("cells", []))]
+    dbs = [
+        db for db in ("sqlite", "postgresql") if any(c["db"] == db for c in data.get("cells", []))
+    ]
     bars = handoff_bars(data.get("groups", {}))
     rows = len(dbs) + (1 if bars else 0)
     if not rows:
@@ -663,7 +882,7 @@ def plot(data: Dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(rows, 1, figsize=(15, 5.5 * rows), squeeze=False)
     if bars:
         _plot_handoff(axes[-1, 0], bars)
-    for ax, db in zip(axes[:, 0], dbs):
+    for ax, db in zip(axes[: len(dbs), 0], dbs, strict=True):
         keys = [(k, b) for k, b in _variants(db) if not k.startswith("greenlet")]
         labels = []
         xs = []
@@ -674,11 +893,16 @@ def plot(data: Dict[str, Any], path: str) -> None:
         width = 0.8 / max(1, len(keys))
         for i, (k, b) in enumerate(keys):
             vals = []
-            for (w, conc) in xs:
+            for w, conc in xs:
                 cell = cells[(db, w, conc)]
                 s, g = cell["summary"].get(k), cell["summary"].get(b)
                 vals.append(s["ops_per_s"] / g["ops_per_s"] if s and g else 0.0)
-            ax.bar([j + (i - (len(keys) - 1) / 2) * width for j in range(len(xs))], vals, width, label=f"{k} / {b}")
+            ax.bar(
+                [j + (i - (len(keys) - 1) / 2) * width for j in range(len(xs))],
+                vals,
+                width,
+                label=f"{k} / {b}",
+            )
         ax.axhline(1.0, color="black", linewidth=0.8)
         # log scale: the sync variants stream 10-20x faster than greenlet
         ax.set_yscale("log")
@@ -687,9 +911,12 @@ def plot(data: Dict[str, Any], path: str) -> None:
         ax.set_yticklabels([f"{t:g}x" for t in ticks])
         ax.set_ylim(0.2, 25)
         ax.set_xticks(range(len(xs)))
-        ax.set_xticklabels([l.replace("orm_select_pk", "orm_sel_pk") for l in labels], fontsize=7)
+        ax.set_xticklabels([lb.replace("orm_select_pk", "orm_sel_pk") for lb in labels], fontsize=7)
         ax.set_ylabel("throughput ratio to greenlet (higher is better)")
-        ax.set_title(f"{DB_TITLES[db]}: ops/s relative to greenlet + the same async driver (workload / tasks)")
+        ax.set_title(
+            f"{DB_TITLES[db]}: ops/s relative to greenlet + the same async driver (workload / "
+            "tasks)"
+        )
         ax.legend(fontsize=8, ncol=3)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

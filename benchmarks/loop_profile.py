@@ -32,15 +32,16 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def aggregate(path: str, thread: str = "MainThread") -> Tuple[int, List[Tuple[str, int]], List[Tuple[str, int]]]:
+def aggregate(
+    path: str, thread: str = "MainThread"
+) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
     """(samples, self by file:line, inclusive by function) of ``thread``."""
-    leaf: Dict[str, int] = collections.Counter()
-    incl: Dict[str, int] = collections.Counter()
+    leaf: dict[str, int] = collections.Counter()
+    incl: dict[str, int] = collections.Counter()
     total = 0
     with open(path) as f:
         for line in f:
@@ -55,19 +56,23 @@ def aggregate(path: str, thread: str = "MainThread") -> Tuple[int, List[Tuple[st
             where = re.sub(r" \(.*/", " (", py[-1]) if py else "?"
             # the innermost native frame under the last Python frame says what
             # the thread was doing there (a futex wait, a sem_post, a send)
-            tail = frames[frames.index(py[-1]) + 1:] if py else native
+            tail = frames[frames.index(py[-1]) + 1 :] if py else native
             if tail:
                 where += "  [" + " <- ".join(fr.split(" (")[0] for fr in tail[::-1][:2]) + "]"
             leaf[where] += n
             for fr in set(py):
                 incl[re.sub(r" \(.*/", " (", re.sub(r":\d+\)$", ")", fr))] += n
-    return total, sorted(leaf.items(), key=lambda x: -x[1]), sorted(incl.items(), key=lambda x: -x[1])
+    return (
+        total,
+        sorted(leaf.items(), key=lambda x: -x[1]),
+        sorted(incl.items(), key=lambda x: -x[1]),
+    )
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     if "--" in argv:
         i = argv.index("--")
-        own, bench_args = argv[:i], argv[i + 1:]
+        own, bench_args = argv[:i], argv[i + 1 :]
     else:
         own, bench_args = argv, []
     p = argparse.ArgumentParser(prog="loop_profile", description=__doc__.split("\n\n")[0])
@@ -76,17 +81,36 @@ def main(argv: List[str]) -> int:
     p.add_argument("--native", action="store_true")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--raw", default=None, help="keep py-spy's raw output here")
-    p.add_argument("--py-spy", default=shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"))
+    p.add_argument(
+        "--py-spy",
+        default=shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"),
+    )
     args = p.parse_args(own)
     if not bench_args:
-        bench_args = ["--cells", "reuse", "--db", "postgresql", "--reuse-tasks", "100", "--variants", "shim+asyncpg"]
+        bench_args = [
+            "--cells",
+            "reuse",
+            "--db",
+            "postgresql",
+            "--reuse-tasks",
+            "100",
+            "--variants",
+            "shim+asyncpg",
+        ]
     if "--rounds" not in bench_args:
         bench_args += ["--rounds", "1000"]
     if not os.path.exists(args.py_spy):
-        print(f"py-spy not found at {args.py_spy}: pip install py-spy, or pass --py-spy PATH", file=sys.stderr)
+        print(
+            f"py-spy not found at {args.py_spy}: pip install py-spy, or pass --py-spy PATH",
+            file=sys.stderr,
+        )
         return 2
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "bench.py"), *bench_args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "bench.py"), *bench_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     started = threading.Event()
 
     def watch() -> None:
@@ -104,8 +128,22 @@ def main(argv: List[str]) -> int:
             print("the cell did not start within 600 s", file=sys.stderr)
             return 1
         time.sleep(2)  # past the warm-up of the first batch
-        cmd = [args.py_spy, "record", "--pid", str(proc.pid), "--idle", "--threads", "--rate", str(args.rate),
-               "--duration", str(args.duration), "--format", "raw", "-o", raw]
+        cmd = [
+            args.py_spy,
+            "record",
+            "--pid",
+            str(proc.pid),
+            "--idle",
+            "--threads",
+            "--rate",
+            str(args.rate),
+            "--duration",
+            str(args.duration),
+            "--format",
+            "raw",
+            "-o",
+            raw,
+        ]
         if args.native:
             cmd.append("--native")
         rec = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration * 5 + 60)
@@ -120,8 +158,10 @@ def main(argv: List[str]) -> int:
             proc.kill()
             proc.wait()
     total, leaf, incl = aggregate(raw)
-    print(f"loop thread (MainThread): {total} samples at {args.rate} Hz over {args.duration} s"
-          f"{' (native frames)' if args.native else ''}; bench.py {' '.join(bench_args)}")
+    print(
+        f"loop thread (MainThread): {total} samples at {args.rate} Hz over {args.duration} s"
+        f"{' (native frames)' if args.native else ''}; bench.py {' '.join(bench_args)}"
+    )
     print("-- where it was (self, by line) --")
     for where, n in leaf[: args.top]:
         print(f"{100 * n / total:5.1f}%  {where}")
