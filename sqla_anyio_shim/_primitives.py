@@ -47,20 +47,19 @@ def _set_result_unless_done(fut: "asyncio.Future[None]") -> None:
 class _Waiter:
     """A one-shot wake-up created on the loop, settable from any thread."""
 
-    __slots__ = ("_loop", "_fut", "_token", "_event", "_thread", "notified")
+    __slots__ = ("_event", "_fut", "_loop", "_token", "notified")
 
     def __init__(self) -> None:
         self.notified = False
-        self._thread = threading.get_ident()
-        loop = _get_running_loop()
-        if loop is not None:
-            self._loop = loop
-            self._fut = loop.create_future()
-            self._token = self._event = None
+        self._loop: asyncio.AbstractEventLoop | None = _get_running_loop()
+        self._fut: asyncio.Future[None] | None = None
+        self._token: Any = None  # trio's, when the waiter is on trio
+        self._event: Any = None
+        if self._loop is not None:
+            self._fut = self._loop.create_future()
         else:
             import trio
 
-            self._loop = self._fut = None
             self._token = trio.lowlevel.current_trio_token()
             self._event = trio.Event()
 
@@ -68,33 +67,72 @@ class _Waiter:
     def loop_identity(self) -> Any:
         return self._loop if self._loop is not None else self._token
 
-    def wake(self) -> None:
+    def wake(self) -> bool:
         """Wake the waiter; callable from any thread (the primitive's mutex
-        is held by the caller)."""
+        is held by the caller).
+
+        Returns False, having woken nothing, when the waiter's event loop is
+        closed (asyncio) or its run has finished (trio): the task that waits
+        there can never run again, so the caller must wake the next waiter
+        instead, or the wake-up is lost and waiters on live loops hang."""
+        # set before posting: the woken task may run (and read it) before
+        # this thread returns from the post
         self.notified = True
-        same_thread = threading.get_ident() == self._thread
-        if self._loop is not None:
-            if same_thread:
-                _set_result_unless_done(self._fut)  # type: ignore[arg-type]
+        loop, fut = self._loop, self._fut
+        try:
+            if loop is not None and fut is not None:
+                if loop.is_closed():
+                    self.notified = False
+                    return False
+                # direct only from inside the waiter's own running loop: the
+                # loop's thread may run a later, different loop by now
+                if _get_running_loop() is loop:
+                    _set_result_unless_done(fut)
+                else:
+                    loop.call_soon_threadsafe(_set_result_unless_done, fut)
+            elif _in_trio_run(self._token):
+                self._event.set()
             else:
-                self._loop.call_soon_threadsafe(
-                    _set_result_unless_done, self._fut
-                )
-        elif same_thread:
-            self._event.set()  # type: ignore[union-attr]
-        else:
-            self._token.run_sync_soon(self._event.set)  # type: ignore
+                self._token.run_sync_soon(self._event.set)
+        except RuntimeError as err:
+            # the loop was closed after the check above ("Event loop is
+            # closed"), or trio's run has finished (trio.RunFinishedError is
+            # a RuntimeError); any other RuntimeError is a real error
+            gone = loop.is_closed() if loop is not None else _is_run_finished(err)
+            if not gone:
+                raise
+            self.notified = False
+            return False
+        return True
 
     async def wait(self) -> None:
         if self._fut is not None:
             await self._fut
         else:
-            await self._event.wait()  # type: ignore[union-attr]
+            await self._event.wait()
+
+
+def _in_trio_run(token: Any) -> bool:
+    """Whether the caller runs inside the trio run that ``token`` belongs to."""
+    import trio
+
+    try:
+        return trio.lowlevel.current_trio_token() is token
+    except RuntimeError:  # not in a trio run at all
+        return False
+
+
+def _is_run_finished(err: BaseException) -> bool:
+    trio = sys.modules.get("trio")
+    return trio is not None and isinstance(err, trio.RunFinishedError)
 
 
 def _wake_one(waiters: Deque[_Waiter]) -> None:
-    if waiters:
-        waiters.popleft().wake()
+    """Wake the first waiter whose event loop can still run it; waiters of
+    closed loops are dropped on the way."""
+    while waiters:
+        if waiters.popleft().wake():
+            return
 
 
 def _abandon(waiters: Deque[_Waiter], waiter: _Waiter, can_pass: bool) -> None:

@@ -20,19 +20,81 @@ stack, and a cap lower than the number of calls that wait on each other
 return through another call) could deadlock.  ``max_workers`` exists for
 users who know their concurrency; calls beyond it wait, without blocking the
 event loop, for a worker to come free.
+
+What keeps the pool usable for the life of the process
+-------------------------------------------------------
+The pool is process-wide and outlives every event loop, so nothing one loop
+does may break it for the next:
+
+* A worker thread never dies from an exception: whatever escapes a job (say,
+  a wake-up posted to an event loop that was closed mid-call) is logged at
+  ERROR on the ``sqla_anyio_shim`` logger, with its traceback, and the
+  worker keeps serving.  A worker is never taken from the idle stack unless
+  its thread is alive.
+* A waiter for a free worker (``max_workers`` reached) whose event loop is
+  gone is dropped and the next waiter is woken instead; the releasing worker
+  is not affected.
+* A worker is counted only once its thread has started: a failed
+  ``Thread.start()`` (``can't start new thread``) frees its slot and raises
+  a RuntimeError naming the fix.
+* After ``os.fork()`` the child starts from an empty pool: the parent's
+  threads do not exist there, and the parent's lock may have been held by
+  one of them at the moment of the fork.
+
+Thread safety (also without the GIL, on free-threaded CPython)
+--------------------------------------------------------------
+* Every shared structure of the pool -- the idle stack, the set of workers,
+  the count of threads being started, the waiter queue and each worker's
+  ``released`` flag -- is read and written only under the pool's lock;
+  nothing relies on a list, set or deque operation being atomic.
+* A job is handed over through the worker's own ``wake`` lock: the
+  submitter writes ``_job`` and then releases ``wake``, the worker acquires
+  ``wake`` and then reads ``_job``; the lock orders the two.
+* ``configure()`` writes the settings under the pool's lock; a worker reads
+  ``idle_timeout`` without it, where an old or a new value are both fine.
+* Wake-up callables of waiters are called under the pool's lock, so they
+  must not call back into the pool (``_Waiter.wake`` only posts to a loop).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import weakref
 from collections import deque
-from typing import Callable, Deque, List, Optional
+from collections.abc import Callable
+from dataclasses import dataclass
 
-__all__ = ["WorkerPool", "pool"]
+__all__ = ["PoolStats", "WorkerPool", "pool"]
+
+_log = logging.getLogger("sqla_anyio_shim")
+
+#: the name of every worker thread (tests and thread dumps look for it)
+THREAD_NAME = "sqla-anyio-shim-worker"
+
+#: a wake-up for a call waiting for a free worker.  It returns False (or
+#: raises) when the waiting call can never run again -- its event loop is
+#: closed -- and the pool then wakes the next waiter instead.
+WakeUp = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A consistent snapshot of the worker pool (see :meth:`WorkerPool.stats`)."""
+
+    #: worker threads started and not yet retired
+    total: int
+    #: workers running a call (a call parked in ``await_()`` keeps its worker)
+    busy: int
+    #: workers on the idle stack, ready for the next call
+    idle: int
+    #: calls waiting for a worker because ``max_workers`` is reached
+    waiters: int
 
 
 class _Worker:
-    __slots__ = ("_pool", "_wake", "_job", "thread", "__weakref__")
+    __slots__ = ("__weakref__", "_job", "_pool", "_wake", "released", "thread")
 
     def __init__(self, pool: WorkerPool) -> None:
         self._pool = pool
@@ -40,33 +102,49 @@ class _Worker:
         # job, acquired by the worker to wait for one
         self._wake = threading.Lock()
         self._wake.acquire()
-        self._job: Optional[Callable[[], None]] = None
-        self.thread = threading.Thread(
-            target=self._run, name="sqla-anyio-shim-worker", daemon=True
-        )
+        self._job: Callable[[], None] | None = None
+        # whether the running job has already handed this worker back to
+        # the pool (guarded by the pool's lock; see WorkerPool.release)
+        self.released = False
+        self.thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], None] | None) -> None:
+        """Hand ``job`` to this worker (``None`` stops the thread)."""
         self._job = job
         self._wake.release()
 
     def _run(self) -> None:
         pool = self._pool
         wake = self._wake
-        while True:
-            if not wake.acquire(timeout=pool.idle_timeout):
-                if pool._retire(self):
+        try:
+            while True:
+                if not wake.acquire(timeout=pool.idle_timeout):
+                    if pool._retire(self):
+                        return
+                    # somebody took us off the idle stack at the same moment
+                    # and is about to hand us a job: wait for it
+                    wake.acquire()
+                job = self._job
+                self._job = None
+                if job is None:  # shutdown request
                     return
-                # somebody took us off the idle stack at the same moment and
-                # is about to hand us a job: wait for it
-                wake.acquire()
-            job = self._job
-            self._job = None
-            if job is None:  # shutdown request
-                return
-            job()
-            # release our reference before idling so that nothing the job
-            # referenced outlives it (checked by a weakref test)
-            del job
+                try:
+                    job()
+                except BaseException:
+                    # a dead worker would strand the next call handed to it
+                    # (and everything that call holds): report and go on
+                    _log.error(
+                        "a job raised in worker thread %r; the worker stays in service",
+                        self.thread.name,
+                        exc_info=True,
+                    )
+                # release our reference before idling so that nothing the
+                # job referenced outlives it (checked by a weakref test)
+                del job
+                pool._job_done(self)
+        finally:
+            # however the thread ends, it is no longer a worker
+            pool._forget(self)
 
 
 class WorkerPool:
@@ -75,60 +153,71 @@ class WorkerPool:
     def __init__(
         self,
         *,
-        max_workers: Optional[int] = None,
+        max_workers: int | None = None,
         idle_timeout: float = 10.0,
-        max_idle_workers: Optional[int] = None,
+        max_idle_workers: int | None = None,
     ) -> None:
         self._lock = threading.Lock()
-        self._idle: List[_Worker] = []
-        self._all: "set[_Worker]" = set()
-        # callables waking calls that wait for a worker (max_workers reached)
-        self._waiters: Deque[Callable[[], None]] = deque()
+        self._idle: list[_Worker] = []
+        # workers whose thread has started and not ended
+        self._all: set[_Worker] = set()
+        # threads being started right now: they hold a max_workers slot but
+        # are not counted as workers until start() has returned
+        self._starting = 0
+        # wake-ups of calls that wait for a worker (max_workers reached)
+        self._waiters: deque[WakeUp] = deque()
+        self.max_workers: int | None = None
+        self.idle_timeout = 10.0
+        self.max_idle_workers: int | None = None
         self.configure(
             max_workers=max_workers,
             idle_timeout=idle_timeout,
             max_idle_workers=max_idle_workers,
         )
+        _pools.add(self)
 
     def configure(
         self,
         *,
-        max_workers: Optional[int],
+        max_workers: int | None,
         idle_timeout: float,
-        max_idle_workers: Optional[int],
+        max_idle_workers: int | None,
     ) -> None:
-        if max_workers is not None and (
-            not isinstance(max_workers, int) or max_workers < 1
-        ):
-            raise ValueError(
-                f"max_workers must be a positive integer or None, "
-                f"got {max_workers!r}"
-            )
+        if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):
+            raise ValueError(f"max_workers must be a positive integer or None, got {max_workers!r}")
         if not isinstance(idle_timeout, (int, float)) or idle_timeout <= 0:
             raise ValueError(
-                f"idle_timeout must be a positive number of seconds, "
-                f"got {idle_timeout!r}"
+                f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}"
             )
         if max_idle_workers is not None and (
             not isinstance(max_idle_workers, int) or max_idle_workers < 0
         ):
             raise ValueError(
-                f"max_idle_workers must be a non-negative integer or None, "
-                f"got {max_idle_workers!r}"
+                f"max_idle_workers must be a non-negative integer or None, got {max_idle_workers!r}"
             )
-        self.max_workers = max_workers
-        self.idle_timeout = float(idle_timeout)
-        self.max_idle_workers = max_idle_workers
+        with self._lock:
+            self.max_workers = max_workers
+            self.idle_timeout = float(idle_timeout)
+            self.max_idle_workers = max_idle_workers
 
-    # -- introspection (used by tests and the benchmark runner) ------------
+    # -- introspection (used by tests, the walk-through and stats()) -------
+
+    def stats(self) -> PoolStats:
+        """A consistent snapshot of the pool's counts."""
+        with self._lock:
+            total = len(self._all)
+            idle = len(self._idle)
+            return PoolStats(total=total, busy=total - idle, idle=idle, waiters=len(self._waiters))
 
     @property
     def total(self) -> int:
-        return len(self._all)
+        with self._lock:
+            return len(self._all)
 
     @property
     def idle(self) -> int:
-        return len(self._idle)
+        with self._lock:
+            return len(self._idle)
 
     @property
     def busy(self) -> int:
@@ -137,36 +226,33 @@ class WorkerPool:
 
     # -- acquiring and releasing -------------------------------------------
 
-    def try_acquire(self) -> Optional[_Worker]:
-        """Return an idle or new worker, or None if max_workers is reached."""
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-            if self.max_workers is not None and len(self._all) >= (
-                self.max_workers
-            ):
-                return None
-            worker = _Worker(self)
-            self._all.add(worker)
-        worker.thread.start()
-        return worker
+    def try_acquire(self) -> _Worker | None:
+        """Return an idle or new worker, or None if max_workers is reached.
 
-    def add_waiter(self, wake: Callable[[], None]) -> Optional[_Worker]:
+        Raises RuntimeError if a new worker's thread cannot be started."""
+        with self._lock:
+            worker = self._take_idle_locked()
+            if worker is not None:
+                return worker
+            if not self._can_start_locked():
+                return None
+            self._starting += 1
+        return self._start_worker()
+
+    def add_waiter(self, wake: WakeUp) -> _Worker | None:
         """Register ``wake`` to be called when a worker comes free, unless
         one is free already, in which case it is returned."""
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
-            if self.max_workers is None or len(self._all) < self.max_workers:
-                worker = _Worker(self)
-                self._all.add(worker)
-            else:
+            worker = self._take_idle_locked()
+            if worker is not None:
+                return worker
+            if not self._can_start_locked():
                 self._waiters.append(wake)
                 return None
-        worker.thread.start()
-        return worker
+            self._starting += 1
+        return self._start_worker()
 
-    def remove_waiter(self, wake: Callable[[], None]) -> None:
+    def remove_waiter(self, wake: WakeUp) -> None:
         with self._lock:
             try:
                 self._waiters.remove(wake)
@@ -175,22 +261,98 @@ class WorkerPool:
                 self._wake_next_locked()
 
     def release(self, worker: _Worker) -> None:
-        """Called by the worker itself when its job is finished."""
+        """Hand ``worker`` back to the pool.  Called by the job itself,
+        before it delivers its last message (see the module docstring); a
+        job that does not call it is released when it returns."""
         with self._lock:
-            if (
-                self.max_idle_workers is not None
-                and len(self._idle) >= self.max_idle_workers
-            ):
-                self._all.discard(worker)
-                worker._job = None
-                worker._wake.release()  # the None job ends the thread
-            else:
-                self._idle.append(worker)
-            self._wake_next_locked()
+            self._release_locked(worker)
+
+    def _job_done(self, worker: _Worker) -> None:
+        """Called by the worker thread after each job."""
+        with self._lock:
+            if not worker.released:
+                self._release_locked(worker)
+            # ready for the next job; the next release() can only come from
+            # that job, which this same thread runs after we return
+            worker.released = False
+
+    # -- internals (all *_locked methods run under self._lock) -------------
+
+    def _take_idle_locked(self) -> _Worker | None:
+        idle = self._idle
+        while idle:
+            worker = idle.pop()
+            if worker.thread.is_alive():
+                return worker
+            # cannot happen while _run's handlers hold; should it anyway, a
+            # job handed to this worker would never run: drop it
+            self._all.discard(worker)
+            _log.error("dropped dead worker thread %r from the idle stack", worker.thread.name)
+        return None
+
+    def _release_locked(self, worker: _Worker) -> None:
+        if worker.released:
+            # a second release of the same job would put the worker on the
+            # idle stack twice, and two calls would share one thread
+            return
+        worker.released = True
+        if worker not in self._all:
+            # its pool was reset at a fork (this is the child, and this is
+            # the thread that forked): it is not a worker here
+            worker._job = None
+            worker._wake.release()  # the None job ends the thread
+        elif self.max_idle_workers is not None and len(self._idle) >= self.max_idle_workers:
+            self._all.discard(worker)
+            worker._job = None
+            worker._wake.release()  # the None job ends the thread
+        else:
+            self._idle.append(worker)
+        self._wake_next_locked()
+
+    def _can_start_locked(self) -> bool:
+        return self.max_workers is None or len(self._all) + self._starting < self.max_workers
+
+    def _start_worker(self) -> _Worker:
+        """Start a new worker in the slot reserved by ``self._starting``."""
+        try:
+            worker = _Worker(self)
+            worker.thread.start()
+        except BaseException as err:
+            with self._lock:
+                self._starting -= 1
+                running = len(self._all)
+                # the slot is free again: a waiter may use it
+                self._wake_next_locked()
+            if isinstance(err, RuntimeError) and "shutdown" not in str(err):
+                raise RuntimeError(
+                    f"sqla-anyio-shim could not start a worker thread ({err}) with "
+                    f"{running} worker threads running: the process has reached its "
+                    f"thread limit.  Bound the number of worker threads with "
+                    f"sqla_anyio_shim.install(max_workers=N) -- calls beyond N wait "
+                    f"for a free worker without blocking the event loop -- or raise "
+                    f"the limit (ulimit -u, the container's pids limit, the memory "
+                    f"available for thread stacks)."
+                ) from err
+            raise
+        with self._lock:
+            self._starting -= 1
+            self._all.add(worker)
+        return worker
 
     def _wake_next_locked(self) -> None:
-        if self._waiters:
-            self._waiters.popleft()()
+        waiters = self._waiters
+        while waiters:
+            wake = waiters.popleft()
+            try:
+                if wake() is not False:
+                    return
+            except Exception:
+                _log.error(
+                    "waking a call that waits for a worker failed; waking the next one",
+                    exc_info=True,
+                )
+            # that call can never run again (its event loop is closed): the
+            # wake-up goes to the next waiter, or it would be lost
 
     def _retire(self, worker: _Worker) -> bool:
         with self._lock:
@@ -201,6 +363,23 @@ class WorkerPool:
             self._all.discard(worker)
             return True
 
+    def _forget(self, worker: _Worker) -> None:
+        with self._lock:
+            self._all.discard(worker)
+            try:
+                self._idle.remove(worker)
+            except ValueError:
+                pass
+
+    def _reset_after_fork(self) -> None:
+        # in the child only the forking thread exists: every other worker's
+        # thread is gone, and the lock may have been held by one of them
+        self._lock = threading.Lock()
+        self._idle = []
+        self._all = set()
+        self._starting = 0
+        self._waiters = deque()
+
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the idle workers and wait for them (busy ones finish their
         call and retire later)."""
@@ -209,9 +388,20 @@ class WorkerPool:
             for worker in idle:
                 self._all.discard(worker)
         for worker in idle:
-            worker.submit(None)  # type: ignore[arg-type]
+            worker.submit(None)
         for worker in idle:
             worker.thread.join(timeout)
 
+
+_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+
+
+def _reset_pools_after_fork() -> None:
+    for worker_pool in list(_pools):
+        worker_pool._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_reset_pools_after_fork)
 
 pool = WorkerPool()
