@@ -253,9 +253,13 @@ def test_uvicorn_under_the_launcher(tmp_path: Path) -> None:
         assert httpx.get(f"{base}/notes/{created.json()['id']}", timeout=10).json()["title"] == (
             "over HTTP"
         )
-        assert httpx.get(f"{base}/audit", timeout=10).json() == [
-            {"note_id": 1, "action": "created", "notes_seen": 1}
-        ]
+        # over real HTTP the response goes out before the background task
+        # runs (the ASGI transport waits for both): wait for it, bounded
+        deadline = time.monotonic() + 10
+        while not (audit := httpx.get(f"{base}/audit", timeout=10).json()):
+            assert time.monotonic() < deadline, "the background task never wrote its row"
+            time.sleep(0.05)
+        assert audit == [{"note_id": 1, "action": "created", "notes_seen": 1}]
     finally:
         server.send_signal(signal.SIGINT)
         try:
