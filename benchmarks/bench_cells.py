@@ -662,6 +662,7 @@ def run_cpu(args: Any, gs: GroupSizes, failed: list[str]) -> dict[str, Any]:
                 "p99_ms": median([r["p99_us"] / 1000 for r in runs]),
                 "cpu_busy": median([r["cpu_s"] / r["wall"] for r in runs]),
                 "csw_per_op": median([(r["vcsw"] + r["ivcsw"]) / r["ops"] for r in runs]),
+                "vcsw_per_op": median([r["vcsw"] / r["ops"] for r in runs]),
                 "gil_enabled": runs[0]["interpreter"]["gil_enabled"],
                 "rounds": len(runs),
             }
@@ -815,7 +816,7 @@ def fairness_once(kind: str, driver: str, backend: str, args: Any) -> dict[str, 
             "hard_cap": capped,
         }
 
-    return anyio.run(scenario, backend=backend)  # type: ignore[no-any-return]
+    return anyio.run(scenario, backend=backend)
 
 
 def run_fairness(args: Any, gs: GroupSizes, failed: list[str]) -> dict[str, Any]:

@@ -549,6 +549,11 @@ def handoff_goals(groups: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _csw(s: dict[str, Any]) -> str:
+    tot, vol = s["csw_per_op"], s.get("vcsw_per_op")
+    return f"{tot:.1f}" if vol is None else f"{tot:.1f} ({vol:.1f} + {tot - vol:.1f})"
+
+
 def _stamp(g: dict[str, Any]) -> str:
     m = g.get("meta", {})
     commit = str(m.get("commit", "?"))
@@ -736,7 +741,7 @@ def render_handoff(data: dict[str, Any]) -> list[str]:
         )
         a(
             "| tasks | variant | GIL | ops/s | ×greenlet | ×1 task | p50 ms | p99 ms | CPU busy | "
-            "csw/op | rounds |"
+            "csw/op (vol + invol) | rounds |"
         )
         a("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         one = next((c for c in g["cells"] if c["tasks"] == 1), None)
@@ -749,7 +754,7 @@ def render_handoff(data: dict[str, Any]) -> list[str]:
                     f"{_fmt(s['ops_per_s'])} "
                     f"| {_r(_ratio(s['ops_per_s'], b.get('ops_per_s')))} "
                     f"| {_r(_ratio(s['ops_per_s'], s1.get('ops_per_s')))} | {s['p50_ms']:.2f} "
-                    f"| {s['p99_ms']:.2f} | {s['cpu_busy']:.2f} | {s['csw_per_op']:.1f} | "
+                    f"| {s['p99_ms']:.2f} | {s['cpu_busy']:.2f} | {_csw(s)} | "
                     f"{s['rounds']} |"
                 )
             for key, e in c["errors"].items():
