@@ -54,6 +54,9 @@ Thread safety (also without the GIL, on free-threaded CPython)
   ``idle_timeout`` without it, where an old or a new value are both fine.
 * Wake-up callables of waiters are called under the pool's lock, so they
   must not call back into the pool (``_Waiter.wake`` only posts to a loop).
+* The lock is reentrant only for the garbage collector's sake: it may close
+  an abandoned waiter's coroutine inside the lock, on the same thread, and
+  the coroutine's cleanup calls ``remove_waiter()``.
 """
 
 from __future__ import annotations
@@ -157,7 +160,12 @@ class WorkerPool:
         idle_timeout: float = 10.0,
         max_idle_workers: int | None = None,
     ) -> None:
-        self._lock = threading.Lock()
+        # reentrant on purpose: the cyclic GC can finalize an abandoned
+        # call's coroutine (a task of a closed loop waiting for a worker) on
+        # any thread, at any allocation -- also inside this lock -- and the
+        # finalizer calls remove_waiter().  Only remove_waiter() can nest so,
+        # and it touches only the waiter queue, whose users re-check it.
+        self._lock = threading.RLock()
         self._idle: list[_Worker] = []
         # workers whose thread has started and not ended
         self._all: set[_Worker] = set()
@@ -374,7 +382,7 @@ class WorkerPool:
     def _reset_after_fork(self) -> None:
         # in the child only the forking thread exists: every other worker's
         # thread is gone, and the lock may have been held by one of them
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._idle = []
         self._all = set()
         self._starting = 0

@@ -270,6 +270,62 @@ def test_waiter_of_closed_loop_is_skipped() -> None:
     _assert_stats_exact(out["stats"], out["alive"])
 
 
+_WAITER_COLLECTED_UNDER_LOCK = """
+import gc, weakref
+gc.disable()  # the one collection below is the one under test
+sqla_anyio_shim.install(sync_drivers=True, max_workers=1)
+started = threading.Event()
+release = threading.Event()
+tasks = []
+
+def slow():
+    started.set()
+    release.wait(30)
+
+async def main():
+    tasks.append(asyncio.ensure_future(greenlet_spawn(slow)))
+    while not started.is_set():
+        await asyncio.sleep(0.005)
+    tasks.append(asyncio.ensure_future(greenlet_spawn(lambda: "B")))
+    while _workers.pool.stats().waiters < 1:
+        await asyncio.sleep(0.005)
+
+loop = new_loop("asyncio")
+loop.run_until_complete(main())
+loop.close()
+release.set()
+poll(lambda: _workers.pool.stats().idle == 1, "the worker to come free")
+waiting = weakref.ref(tasks.pop())
+tasks.clear()
+
+collected = []
+def collect_inside_the_pool_lock():
+    # the cyclic GC may run on any thread at any allocation, also inside
+    # the pool's lock; B's abandoned coroutine is finalized there
+    with _workers.pool._lock:
+        gc.collect()
+    collected.append(waiting() is None)
+thread = threading.Thread(target=collect_inside_the_pool_lock, daemon=True)
+thread.start()
+thread.join(10)
+if thread.is_alive():
+    raise SystemExit("deadlock: the pool's lock is held for good")
+print(json.dumps({"collected": collected, "value": run_query("asyncio"),
+                  "stats": stats(), "alive": alive_workers()}))
+"""
+
+
+def test_abandoned_waiter_collected_inside_pool_lock() -> None:
+    """Scenario 4, the garbage collector's part: the task of a closed loop
+    that waited for a worker is a reference cycle, finalized whenever the
+    cyclic GC runs -- on any thread, possibly inside the pool's lock -- and
+    its cleanup takes that lock.  It must not deadlock the pool."""
+    out = _run_script(_WAITER_COLLECTED_UNDER_LOCK)
+    assert out["collected"] == [True]
+    assert out["value"] == 42
+    _assert_stats_exact(out["stats"], out["alive"])
+
+
 async def _make_waiter() -> _Waiter:
     return _Waiter()
 
