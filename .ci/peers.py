@@ -63,11 +63,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 
-# How the shim is switched on for a suite we do not own.  "sitecustomize":
-# a sitecustomize.py of ours on PYTHONPATH calls install() at interpreter
-# start; "launcher": ``python -m sqla_anyio_shim run -- pytest ...`` (issue
-# 11, item 1).  Switching is this one line; see shim_command().
-ACTIVATION = "sitecustomize"
+# How the shim is switched on for a suite we do not own (--activation
+# overrides it for one run; see shim_command()):
+# * "launcher": ``python -m sqla_anyio_shim run -- -m pytest ...``, the
+#   documented way to run an unmodified program under the shim;
+# * "env": ``SQLA_ANYIO_SHIM=1 python -m pytest ...``, the start-up hook of
+#   the installed wheel (for processes nobody starts by hand);
+# * "sitecustomize": a sitecustomize.py of ours on PYTHONPATH calls
+#   install() at interpreter start, as a user without either would.
+ACTIVATION = "launcher"
+ACTIVATIONS = ("launcher", "env", "sitecustomize")
 
 # pytest's per-run bound: a hung suite is a finding, not a stuck CI job
 RUN_TIMEOUT = 900.0
@@ -406,14 +411,20 @@ def write_harness(cache: Path) -> Tuple[Path, Path]:
 
 
 def shim_command(
-    python: Path, pytest_argv: List[str], env: Dict[str, str], site_dir: Path
+    activation: str, python: Path, pytest_argv: List[str], env: Dict[str, str],
+    site_dir: Path,
 ) -> List[str]:
-    """The command line (and environment, updated in place) of a shim run."""
-    if ACTIVATION == "launcher":
-        return [str(python), "-m", "sqla_anyio_shim", "run", "--", "pytest", *pytest_argv]
-    if ACTIVATION != "sitecustomize":
-        raise SystemExit(f"unknown ACTIVATION {ACTIVATION!r}: use 'sitecustomize' or 'launcher'")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site_dir), env.get("PYTHONPATH")]))
+    """The command line (and environment, updated in place) of a shim run.
+    Every form runs pytest as ``python -m pytest`` does (the current
+    directory first on sys.path), as the greenlet run does."""
+    if activation == "launcher":
+        return [str(python), "-m", "sqla_anyio_shim", "run", "--", "-m", "pytest", *pytest_argv]
+    if activation == "env":
+        env["SQLA_ANYIO_SHIM"] = "1"
+    elif activation == "sitecustomize":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site_dir), env.get("PYTHONPATH")]))
+    else:
+        raise SystemExit(f"unknown activation {activation!r}: use one of {', '.join(ACTIVATIONS)}")
     return [str(python), "-m", "pytest", *pytest_argv]
 
 
@@ -505,6 +516,7 @@ def run_suite(
     cache: Path,
     probe_dir: Path,
     site_dir: Path,
+    activation: str,
 ) -> Run:
     label = f"{project.key} [{db.name}] {kind}"
     run = Run(label)
@@ -527,11 +539,12 @@ def run_suite(
     pg_url = f"{pg_host()}/{PEERS_PG_DB}"
     environ.update({k: v.replace("{pg}", pg_url) for k, v in db.env.items()})
     if kind == "shim":
-        cmd = shim_command(python, pytest_argv, environ, site_dir)
+        cmd = shim_command(activation, python, pytest_argv, environ, site_dir)
     else:
         cmd = [str(python), "-m", "pytest", *pytest_argv]
     shown_env = " ".join(
-        f"{k}={environ[k]}" for k in ("PYTHONPATH", *db.env) if k in environ
+        f"{k}={environ[k]}" for k in ("PYTHONPATH", "SQLA_ANYIO_SHIM", *db.env)
+        if k in environ
     )
     print(f"-- {label}", flush=True)
     print(f"   $ (cd {tree} && {shown_env} {' '.join(cmd)}) > {log}", flush=True)
@@ -566,7 +579,8 @@ def pytest_summary(log: Path) -> str:
     """pytest's closing line ("6 passed in 0.42s"), or the log's last line."""
     lines = log.read_text(errors="replace").strip().splitlines() or [""]
     for line in reversed(lines):
-        if re.search(r"\b(passed|failed|error|errors|skipped|no tests ran)\b.* in [0-9.]+s", line):
+        # (-qq, as a suite's addopts plus ours give, drops the " in 1.2s")
+        if re.match(r"=* ?(\d+ (passed|failed|errors?|skipped|deselected)\b|no tests ran)", line):
             return line.strip("= ")
     return lines[-1]
 
@@ -657,6 +671,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--cache", help="cache directory (default: under XDG_CACHE_HOME)")
     parser.add_argument("--shim", default=str(REPO),
                         help="the sqla-anyio-shim source tree to install (default: this checkout)")
+    parser.add_argument("--activation", choices=ACTIVATIONS, default=ACTIVATION,
+                        help=f"how the shim run switches the shim on (default: {ACTIVATION})")
     parser.add_argument("--list", action="store_true", help="list the pinned projects and exit")
     args = parser.parse_args(argv)
 
@@ -680,7 +696,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     probe_dir, site_dir = write_harness(cache)
     strict = os.environ.get("CI") == "true"
-    print(f"== peers: cache {cache}, shim from {args.shim}, activation {ACTIVATION}, "
+    print(f"== peers: cache {cache}, shim from {args.shim}, activation {args.activation}, "
           f"Python {sys.version.split()[0]}", flush=True)
 
     rows: List[Row] = []
@@ -705,7 +721,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     failed = failed or strict
                     break
                 runs[kind] = run_suite(kind, project, db, envs[kind], sdist,
-                                       cache, probe_dir, site_dir)
+                                       cache, probe_dir, site_dir, args.activation)
             if row.note:
                 continue
             row.greenlet, row.shim = runs["greenlet"], runs["shim"]
