@@ -196,39 +196,47 @@ def _rotate(xs: list[Any], rnd: int) -> list[Any]:
     return xs[k:] + xs[:k]
 
 
-class AwaitCounter:
-    """Counts ``await_()`` calls made through SQLAlchemy's name for it.
+class HopCounter:
+    """Counts ``greenlet_spawn()`` and ``await_()`` calls made through
+    SQLAlchemy's names for them: the hops between the task and the sync code.
 
-    SQLAlchemy 2.1 binds ``await_`` by name in each module that uses it
+    SQLAlchemy 2.1 binds both by name in each module that uses them
     (``from ...util.concurrency import await_``); every ``sqlalchemy.*``
-    module global that *is* the current ``await_`` is swapped for a counting
+    module global that *is* the current function is swapped for a counting
     wrapper and swapped back afterwards.  Only used in an untimed pass.  Hops
-    a bridge makes without calling ``await_`` (its own pool waits, say) are
-    not counted.
+    a bridge makes without these names (its own pool waits, say) are not
+    counted.
     """
 
     def __init__(self) -> None:
-        self.n = 0
+        self.awaits = 0
+        self.spawns = 0
         self._lock = threading.Lock()
         self._swapped: list[tuple[Any, str, Any]] = []
 
-    def __enter__(self) -> AwaitCounter:
+    def __enter__(self) -> HopCounter:
         from sqlalchemy.util import concurrency
 
-        orig = concurrency.await_
+        orig_await, orig_spawn = concurrency.await_, concurrency.greenlet_spawn
 
         def counting_await(awaitable: Any) -> Any:
             with self._lock:
-                self.n += 1
-            return orig(awaitable)
+                self.awaits += 1
+            return orig_await(awaitable)
 
+        async def counting_spawn(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self.spawns += 1
+            return await orig_spawn(*args, **kwargs)
+
+        swap = {id(orig_await): counting_await, id(orig_spawn): counting_spawn}
         for name, mod in list(sys.modules.items()):
             if mod is None or not (name == "sqlalchemy" or name.startswith("sqlalchemy.")):
                 continue
             for attr, val in list(vars(mod).items()):
-                if val is orig:
-                    setattr(mod, attr, counting_await)
-                    self._swapped.append((mod, attr, orig))
+                if val is orig_await or val is orig_spawn:
+                    setattr(mod, attr, swap[id(val)])
+                    self._swapped.append((mod, attr, val))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -307,7 +315,7 @@ async def reuse_batch(
         )
         gc.collect()
         lat: list[float] = []
-        counter = AwaitCounter() if count else None
+        counter = HopCounter() if count else None
         if counter:
             counter.__enter__()
         try:
@@ -329,7 +337,8 @@ async def reuse_batch(
             p99_rest_us=pct(rest, 0.99) * 1e6,
         )
         if counter:
-            out["awaits"] = counter.n
+            out["awaits"] = counter.awaits
+            out["spawns"] = counter.spawns
         return out
     finally:
         await engine.dispose()
@@ -356,6 +365,7 @@ async def run_reuse(
                 "runs": {},
                 "errors": {},
                 "awaits_per_op": {},
+                "spawns_per_op": {},
             }
             t_cell = perf_counter()
             log(f"[reuse {name} c={tasks} k={k}] started")  # loop_profile.py waits for this
@@ -384,6 +394,7 @@ async def run_reuse(
                             v, db, tasks, kc, args, sizes, rng, timeout, count=True
                         )
                         cell["awaits_per_op"][v.key] = r["awaits"] / r["ops"]
+                        cell["spawns_per_op"][v.key] = r["spawns"] / r["ops"]
                     except Exception as err:
                         cell["errors"][v.key + " (await_ count)"] = f"{type(err).__name__}: {err}"[
                             :300

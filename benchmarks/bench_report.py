@@ -604,18 +604,16 @@ def render_handoff(data: dict[str, Any]) -> list[str]:
             "time; p50 / p99 of the per-select latency (the first select of a session includes the "
             "wait for a pool connection, which dominates p99 once tasks outnumber connections; "
             "*p99 in-session* leaves the first select of each session out); medians over the "
-            "rounds. "
-            "*await_()/op* is counted in a "
-            "separate untimed pass through a counting wrapper of SQLAlchemy's `await_` (up to 100 "
-            "tasks); *csw per await_* divides the timed pass's switches by it. *CPU busy* = "
-            "process "
-            "CPU time / wall time (1.0 = one core).\n"
+            "rounds. *hops/op* = `greenlet_spawn()` + `await_()` calls per select, counted in a "
+            "separate untimed pass through counting wrappers of SQLAlchemy's names for them (up "
+            "to 100 tasks); *csw per hop* divides the timed pass's switches per select by it. "
+            "*CPU busy* = process CPU time / wall time (1.0 = one core).\n"
         )
         a(
             "| driver | tasks × K | variant | ops/s | ×greenlet | p50 µs | ×greenlet | p99 µs | "
             "×greenlet "
-            "| p99 in-session µs | ×greenlet | csw/op (vol + invol) | await_()/op | csw per await_ "
-            "| CPU busy | rounds |"
+            "| p99 in-session µs | ×greenlet | csw/op (vol + invol) | hops/op (spawn + await_) "
+            "| csw per hop | CPU busy | rounds |"
         )
         a("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for c in g["cells"]:
@@ -630,6 +628,11 @@ def render_handoff(data: dict[str, Any]) -> list[str]:
                     continue
                 b = c["summary"].get(base) or {}
                 apo = c.get("awaits_per_op", {}).get(key)
+                spo = c.get("spawns_per_op", {}).get(key)
+                hops = None if apo is None or spo is None else apo + spo
+                hops_s = "–" if hops is None else f"{hops:.2f} ({spo:.2f} + {apo:.2f})"
+                if hops is None and apo is not None:  # results from before spawns were counted
+                    hops_s = f"await_ only: {apo:.2f}"
                 a(
                     f"| {c['driver']} | {c['tasks']:,} × {c['k']} | {key} | {_fmt(s['ops_per_s'])} "
                     f"| {_r(_ratio(s['ops_per_s'], b.get('ops_per_s')))} | {_fmt(s['p50_us'])} "
@@ -637,7 +640,7 @@ def render_handoff(data: dict[str, Any]) -> list[str]:
                     f"| {_r(_ratio(s['p99_us'], b.get('p99_us')))} | {_fmt(s.get('p99_rest_us'))} "
                     f"| {_r(_ratio(s.get('p99_rest_us'), b.get('p99_rest_us')))} "
                     f"| {s['csw_per_op']:.1f} ({s['vcsw_per_op']:.1f} + {s['ivcsw_per_op']:.1f}) "
-                    f"| {_fmt(apo)} | {_fmt(s['csw_per_op'] / apo if apo else None)} "
+                    f"| {hops_s} | {_fmt(s['csw_per_op'] / hops if hops else None)} "
                     f"| {s['cpu_busy']:.2f} | {s['rounds']} |"
                 )
         a("")
