@@ -10,6 +10,22 @@ issue 10, in ``bench_cells.py``.  ``--merge results.json`` keeps the groups
 of an earlier run that this run does not re-measure, so one group can be
 re-run and RESULTS.md re-rendered whole.
 
+Full runs (quiet machine; durations estimated for a 2-core VM)::
+
+    # everything, the cpu cells on a free-threaded interpreter (~25 min)
+    python benchmarks/bench.py --cpu-python /path/to/3.14t-venv/bin/python \
+        --out benchmarks/RESULTS.md --plot benchmarks/ratios.png \
+        --json benchmarks/results.json
+    # one group, merged into the committed results (reuse ~4 min, scale
+    # ~4 min, cpu ~2-4 min, fairness ~10 s (70 s while the sync-driver loop
+    # cannot be cancelled: 3 s hard cap per round), hops ~40 s, classic ~14 min)
+    python benchmarks/bench.py --cells reuse --merge benchmarks/results.json \
+        --json benchmarks/results.json --out benchmarks/RESULTS.md \
+        --plot benchmarks/ratios.png
+
+``--quick`` (what CI runs) runs every cell at a tiny size: about 20 s for the
+hand-off cells and 15 s for the classic grid on an idle machine.
+
 Variants (per database)
 -----------------------
 ``greenlet``   upstream: greenlet + async driver (``sqla_anyio_shim.uninstall()``)
