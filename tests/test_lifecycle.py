@@ -34,6 +34,7 @@ from sqla_anyio_shim._workers import PoolStats
 from .conftest import wait_until
 
 greenlet_spawn = concurrency.greenlet_spawn
+await_ = getattr(concurrency, "await_", None) or concurrency.await_only
 
 WORKER = _workers.THREAD_NAME
 HARD_TIMEOUT = 60.0
@@ -65,7 +66,7 @@ def _pool_config(**overrides: Any) -> Iterator[_workers.WorkerPool]:
     """Run with a fresh module pool configured with ``overrides``; restore
     the settings and stop the idle workers afterwards."""
     pool = _workers.pool
-    old = {
+    old: dict[str, Any] = {
         "max_workers": pool.max_workers,
         "idle_timeout": pool.idle_timeout,
         "max_idle_workers": pool.max_idle_workers,
@@ -651,3 +652,56 @@ async def test_stats_counts_busy_idle_and_waiters(anyio_backend: Any) -> None:
                 release.set()
         assert snapshots == [PoolStats(total=1, busy=1, idle=0, waiters=1)]
         assert pool.stats() == PoolStats(total=1, busy=0, idle=1, waiters=0)
+
+
+# -- counts stay exact under concurrent use -----------------------------------
+
+
+def test_counts_exact_under_concurrent_loops() -> None:
+    """Four threads, each running event loops one after another (asyncio
+    and trio), share the pool under ``max_workers``, ``max_idle_workers`` and
+    a short ``idle_timeout`` (workers retire while others are taken): every
+    call completes and afterwards the pool counts exactly its live threads.
+    Meant for free-threaded CPython as much as for the GIL build."""
+    n_threads, runs, calls = 4, 3, 40
+
+    def sync(i: int) -> int:
+        for _ in range(3):
+            await_(anyio.lowlevel.checkpoint())
+        if i % 7 == 0:
+            threading.Event().wait(0.03)  # let idle workers retire meanwhile
+        return i
+
+    async def many() -> list[int]:
+        out: list[int] = []
+
+        async def one(i: int) -> None:
+            out.append(await greenlet_spawn(sync, i))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(calls):
+                    tg.start_soon(one, i)
+        return sorted(out)
+
+    results: list[list[int]] = []
+    errors: list[BaseException] = []
+
+    def runner(k: int) -> None:
+        try:
+            for _ in range(runs):
+                results.append(anyio.run(many, backend="trio" if k % 2 else "asyncio"))
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    with _pool_config(max_workers=8, idle_timeout=0.02, max_idle_workers=2) as pool:
+        threads = [threading.Thread(target=runner, args=(k,)) for k in range(n_threads)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert errors == []
+        assert results == [list(range(calls))] * (n_threads * runs)
+        stats = pool.stats()
+        assert stats.busy == 0 and stats.waiters == 0 and stats.total <= 2, stats
+        wait_until(lambda: pool.stats().total == _alive_workers(), 10, "exact counts")
