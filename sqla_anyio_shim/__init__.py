@@ -17,6 +17,7 @@ assertion rewriting, warns "Module already imported so cannot be rewritten".
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 from . import _bridge, _patching, _workers
@@ -26,6 +27,8 @@ __all__ = [
     "install",
     "uninstall",
     "is_installed",
+    "stats",
+    "Stats",
     "UnsupportedSQLAlchemyVersion",
     "__version__",
 ]
@@ -40,6 +43,7 @@ def install(
     max_idle_workers: Optional[int] = None,
     sync_drivers: bool = False,
     handoff_timeout: Optional[float] = 0.002,
+    slow_call_warning: Optional[float] = 0.1,
 ) -> None:
     """Replace SQLAlchemy's greenlet helpers with the thread bridge.
 
@@ -67,6 +71,9 @@ def install(
         run while the sync code does.  ``None`` blocks until the next
         await point, exactly like greenlet (a sync driver's I/O then
         stalls the loop, and sync code that waits for the loop deadlocks).
+    :param slow_call_warning: seconds; a call whose sync code keeps the
+        event loop blocked longer than this in one stretch is logged at
+        WARNING on the ``sqla_anyio_shim`` logger (``None``: never).
     :raises UnsupportedSQLAlchemyVersion: SQLAlchemy is not 2.0.x or 2.1.x.
     """
     if handoff_timeout is not None and (
@@ -76,6 +83,13 @@ def install(
             "handoff_timeout must be a number of seconds >= 0 or None, "
             f"got {handoff_timeout!r}"
         )
+    if slow_call_warning is not None and (
+        not isinstance(slow_call_warning, (int, float)) or slow_call_warning <= 0
+    ):
+        raise ValueError(
+            "slow_call_warning must be a positive number of seconds or None, "
+            f"got {slow_call_warning!r}"
+        )
     _workers.pool.configure(
         max_workers=max_workers,
         idle_timeout=idle_timeout,
@@ -84,6 +98,7 @@ def install(
     _patching.install(sync_drivers=sync_drivers)
     # threading.Lock.acquire(True, -1) waits without a bound
     _bridge.handoff_timeout = -1 if handoff_timeout is None else handoff_timeout
+    _bridge.slow_hold_threshold = slow_call_warning
 
 
 def uninstall() -> None:
@@ -96,3 +111,39 @@ def uninstall() -> None:
 def is_installed() -> bool:
     """Whether :func:`install` is in effect."""
     return _patching.is_installed()
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of the bridge, from :func:`stats`."""
+
+    #: worker threads alive, running a call, and idle (kept for reuse)
+    workers_total: int
+    workers_busy: int
+    workers_idle: int
+    #: calls waiting for a worker (only with ``max_workers``)
+    workers_waiting: int
+    #: ``greenlet_spawn()`` calls in flight, on every event loop
+    calls_in_flight: int
+    #: seconds: the longest stretch a call's sync code kept an event loop
+    #: blocked (its host waiting on it, hop after hop, without the loop
+    #: running in between) since start-up or the last ``stats(reset=True)``
+    longest_loop_hold: float
+
+
+def stats(*, reset: bool = False) -> Stats:
+    """What the bridge is doing now: worker threads, calls in flight, and
+    the longest time a call held an event loop.  ``reset=True`` starts the
+    longest-hold measurement afresh after reading it."""
+    pool = _workers.pool.stats()
+    calls = _bridge.call_stats()
+    if reset:
+        _bridge.reset_longest_hold()
+    return Stats(
+        workers_total=pool.total,
+        workers_busy=pool.busy,
+        workers_idle=pool.idle,
+        workers_waiting=pool.waiters,
+        calls_in_flight=int(calls["calls_in_flight"]),
+        longest_loop_hold=float(calls["longest_loop_hold"]),
+    )

@@ -66,8 +66,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import sys
 import threading
+import time
 import types
 import weakref
 from typing import Any, Awaitable, Callable, Dict, List, Optional, TypeVar
@@ -76,6 +78,7 @@ from . import _channel, _workers
 
 _T = TypeVar("_T")
 
+_perf_counter = time.perf_counter
 _get_running_loop = asyncio._get_running_loop
 _set_running_loop = asyncio._set_running_loop
 _copy_context = contextvars.copy_context
@@ -110,6 +113,21 @@ checkpoint_calls = False
 #: against 0.54x not blocking); without the GIL it would keep every other
 #: call's worker waiting for this one, so the loop keeps serving them.
 _ADAPTIVE = not getattr(sys, "_is_gil_enabled", lambda: True)()
+
+#: A call whose sync code holds the event loop longer than this, in one
+#: stretch (the host blocking its thread on the worker, hop after hop,
+#: without the loop running in between), is reported at WARNING on the
+#: ``sqla_anyio_shim`` logger, as asyncio's debug mode reports slow
+#: callbacks.  Set by install(slow_call_warning=...); None: never.
+slow_hold_threshold: Optional[float] = 0.1
+
+_log = logging.getLogger("sqla_anyio_shim")
+
+# counters for stats(); guarded by _stats_lock (several loops in several
+# threads may run calls at once, and without the GIL += is not atomic)
+_stats_lock = threading.Lock()
+_in_flight = 0
+_longest_hold = 0.0
 
 #: worker-thread state: ``_local.call`` is the :class:`_Call` running here
 _local = threading.local()
@@ -215,6 +233,8 @@ class _Call:
         "thread_id",
         "interrupt",
         "loop_thread",
+        "hold",
+        "fn_name",
         "state",
         "user_running",
         "injected",
@@ -237,6 +257,9 @@ class _Call:
         self.thread_id = 0
         # created by the host, on the loop thread
         self.loop_thread = threading.get_ident()
+        # seconds the host has blocked the loop in the current stretch
+        self.hold = 0.0
+        self.fn_name = getattr(fn, "__qualname__", None)
         # guards user_running / injected (see _inject)
         self.state = threading.Lock()
         self.user_running = False
@@ -555,6 +578,24 @@ class _LoopProxy:
         return f"<sqla-anyio-shim worker view of {self._loop!r}>"
 
 
+def _count_call(delta: int) -> None:
+    global _in_flight
+    with _stats_lock:
+        _in_flight += delta
+
+
+def call_stats() -> Dict[str, float]:
+    """The bridge's side of sqla_anyio_shim.stats()."""
+    with _stats_lock:
+        return {"calls_in_flight": _in_flight, "longest_loop_hold": _longest_hold}
+
+
+def reset_longest_hold() -> None:
+    global _longest_hold
+    with _stats_lock:
+        _longest_hold = 0.0
+
+
 def in_greenlet() -> bool:
     """True when called from sync code that runs inside ``greenlet_spawn``
     (that is, in a bridge worker thread)."""
@@ -618,11 +659,14 @@ async def greenlet_spawn(
             worker = await _wait_for_worker()
         call.worker = worker
         mailbox.active += 1
+        _count_call(1)
         try:
             worker.submit(call.run)
             return await _drive_asyncio(call, loop, _require_await)
         finally:
             mailbox.active -= 1
+            _count_call(-1)
+            _end_stretch(call)
             _channel.put(call.channel, call.finished)
     return await _greenlet_spawn_trio(fn, args, kwargs, _require_await)
 
@@ -662,6 +706,7 @@ async def _host_loop_asyncio(
             timeout = handoff_timeout
         if not _acquire_blocking(call, channel, timeout):
             # the sync code runs longer than a hand-off: let the loop run
+            _end_stretch(call)
             call.async_waiting = True
             while not channel.take_message():
                 waiter = call.waiter = loop.create_future()
@@ -750,13 +795,55 @@ def _acquire_blocking(call: _Call, channel: Any, timeout: float) -> bool:
     on greenlet the interrupt would have landed in the sync code itself.
     So it is delivered there (see _inject) and the wait goes on; the sync
     code's cleanup runs and the interrupt propagates from greenlet_spawn()."""
+    if timeout == 0:
+        try:
+            return channel.take_message()  # type: ignore[no-any-return]
+        except BaseException as exc:
+            return _interrupted(call, exc)
+    started = _perf_counter()
     try:
-        return channel.wait_message(timeout)  # type: ignore[no-any-return]
+        got = channel.wait_message(timeout)
     except BaseException as exc:
-        if call.interrupt is None:
-            call.interrupt = exc
-        _inject(call, type(exc))
-        return False
+        return _interrupted(call, exc)
+    finally:
+        call.hold += _perf_counter() - started
+    return got  # type: ignore[no-any-return]
+
+
+def _interrupted(call: _Call, exc: BaseException) -> bool:
+    """A signal handler raised while the host waited (see
+    _acquire_blocking)."""
+    if call.interrupt is None:
+        call.interrupt = exc
+    _inject(call, type(exc))
+    return False
+
+
+def _end_stretch(call: _Call) -> None:
+    """The loop runs again (the host waits through it, or the call ends):
+    the stretch during which this call's sync code held the loop is over."""
+    global _longest_hold
+    hold = call.hold
+    if hold == 0.0:
+        return
+    call.hold = 0.0
+    if hold > _longest_hold:
+        with _stats_lock:
+            if hold > _longest_hold:
+                _longest_hold = hold
+    threshold = slow_hold_threshold
+    if threshold is not None and hold >= threshold:
+        _log.warning(
+            "greenlet_spawn(%s) held the event loop for %.3f s without "
+            "letting it run (threshold %.3f s): its sync code ran between "
+            "two await points while the task blocked the loop on it%s",
+            call.fn_name or "<sync code>",
+            hold,
+            threshold,
+            " (handoff_timeout=None blocks until the next await point)"
+            if handoff_timeout < 0
+            else "",
+        )
 
 
 def _interrupted_by(err: BaseException) -> Optional[BaseException]:
@@ -1015,6 +1102,7 @@ async def _greenlet_spawn_trio(
         worker = await _wait_for_worker()
     call.worker = worker
     mailbox.active += 1
+    _count_call(1)
     try:
         worker.submit(call.run)
         return await _host_loop_trio(call, mailbox, require_await)
@@ -1023,6 +1111,8 @@ async def _greenlet_spawn_trio(
         raise
     finally:
         mailbox.active -= 1
+        _count_call(-1)
+        _end_stretch(call)
         _channel.put(call.channel, call.finished)
 
 
@@ -1041,6 +1131,7 @@ async def _host_loop_trio(call: _Call, mailbox: _Mailbox, require_await: bool) -
         else:
             timeout = handoff_timeout
         if not _acquire_blocking(call, channel, timeout):
+            _end_stretch(call)
             call.async_waiting = True
             while not channel.take_message():
                 call.waiter = task

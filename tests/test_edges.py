@@ -620,3 +620,62 @@ def test_ctrl_c_twice_stops_cpu_bound_sync_code_at_once(handoff: str) -> None:
     exited_after = float(out.split("exited after")[1].split()[0])
     assert exited_after < 10, out
     assert "KeyboardInterrupt" in err or proc.returncode in (-2, 130), (out, err)
+
+
+# -- introspection (issue 11): stats() and the slow-call warning -------------
+
+
+async def test_stats_and_slow_call_warning(anyio_backend: Any, caplog: Any) -> None:
+    """stats() counts the call in flight and its worker while it runs, and a
+    call whose sync code keeps the loop blocked past the threshold (here:
+    handoff_timeout=None, greenlet's full atomicity) is logged at WARNING."""
+    import logging
+    import time
+
+    import sqla_anyio_shim
+
+    inside = threading.Event()
+    release = threading.Event()
+    seen: List[Any] = []
+
+    def probe() -> None:
+        inside.set()
+        assert release.wait(10)
+
+    async def observer() -> None:
+        while not inside.is_set():
+            await anyio.sleep(0.001)
+        seen.append(sqla_anyio_shim.stats())
+        release.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(observer)
+        await greenlet_spawn(probe)
+    during = seen[0]
+    assert during.calls_in_flight >= 1
+    assert during.workers_busy >= 1
+    assert during.workers_total >= during.workers_busy
+    after = sqla_anyio_shim.stats(reset=True)
+    assert after.calls_in_flight == 0
+
+    def blocks_the_loop() -> None:
+        time.sleep(0.08)
+
+    sqla_anyio_shim.install(handoff_timeout=None, slow_call_warning=0.05)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sqla_anyio_shim"):
+            await greenlet_spawn(blocks_the_loop)
+    finally:
+        sqla_anyio_shim.install()
+    held = sqla_anyio_shim.stats().longest_loop_hold
+    assert held >= 0.05, held
+    warnings = [r for r in caplog.records if "held the event loop" in r.getMessage()]
+    assert len(warnings) == 1, caplog.records
+    assert "blocks_the_loop" in warnings[0].getMessage()
+
+
+def test_bad_slow_call_warning_is_refused() -> None:
+    import sqla_anyio_shim
+
+    with pytest.raises(ValueError, match="slow_call_warning"):
+        sqla_anyio_shim.install(slow_call_warning=-1)

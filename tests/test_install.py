@@ -31,7 +31,15 @@ def run_fresh(code: str) -> str:
 
 def test_all_is_exact() -> None:
     assert sorted(sqla_anyio_shim.__all__) == sorted(
-        ["install", "uninstall", "is_installed", "UnsupportedSQLAlchemyVersion", "__version__"]
+        [
+            "install",
+            "uninstall",
+            "is_installed",
+            "stats",
+            "Stats",
+            "UnsupportedSQLAlchemyVersion",
+            "__version__",
+        ]
     )
     for name in sqla_anyio_shim.__all__:
         assert hasattr(sqla_anyio_shim, name)
