@@ -107,7 +107,7 @@ def database(case: tuple[Any, str], tmp_path: Path) -> Iterator[tuple[str, dict[
     reason = _asyncpg_missing_reason()
     if reason is not None:
         _unavailable(reason)
-    import asyncpg
+    asyncpg: Any = importlib.import_module("asyncpg")  # untyped
 
     schema = f"example_{uuid.uuid4().hex[:12]}"
 
