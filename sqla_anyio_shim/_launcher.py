@@ -52,6 +52,8 @@ OPTIONS (install()'s keyword arguments):
   --sync-drivers          let create_async_engine() run sync DBAPI drivers
   --handoff-timeout S     seconds the loop blocks on a hand-off, or "none"
                           (greenlet's full atomicity; default: 0.002)
+  --slow-call-warning S   log a WARNING when sync code holds the loop longer
+                          than this, or "none" (default: 0.1)
 
 The environment variable SQLA_ANYIO_SHIM=1 does the same for processes not
 started by hand, with these options in SQLA_ANYIO_SHIM_OPTIONS."""
@@ -100,6 +102,7 @@ OPTIONS: dict[str, tuple[str, Callable[[str], Any] | None]] = {
     "--max-idle-workers": ("max_idle_workers", _count(0)),
     "--sync-drivers": ("sync_drivers", None),
     "--handoff-timeout": ("handoff_timeout", _seconds(allow_none=True, allow_zero=True)),
+    "--slow-call-warning": ("slow_call_warning", _seconds(allow_none=True, allow_zero=False)),
 }
 
 

@@ -113,13 +113,14 @@ def project(tmp_path: Path) -> Path:
 
 def test_module_form(project: Path) -> None:
     """``run --max-workers 7 -- -m probe a --b``: as ``python -m probe``."""
-    report = _probe(_launch(["--max-workers", "7", "--", "-m", "probe", "a", "--b"], project))
+    args = ["--max-workers", "7", "--slow-call-warning", "none", "--", "-m", "probe", "a", "--b"]
+    report = _probe(_launch(args, project))
     assert report["argv"] == [str(project / "probe.py"), "a", "--b"]
     assert report["path0"] == str(project)  # python -m puts the cwd first
     assert report["name"] == "__main__"
     assert report["max_workers"] == 7
     # exported for the target's own child processes
-    assert report["env"] == ["1", "--max-workers 7"]
+    assert report["env"] == ["1", "--max-workers 7 --slow-call-warning none"]
 
 
 def test_script_form(project: Path) -> None:
@@ -414,6 +415,7 @@ def test_parse_options_forms() -> None:
             "--sync-drivers",
             "--handoff-timeout",
             "NONE",
+            "--slow-call-warning=0.25",
             "--",
             "app.py",
             "--max-workers",
@@ -426,10 +428,29 @@ def test_parse_options_forms() -> None:
         "max_idle_workers": None,
         "sync_drivers": True,
         "handoff_timeout": None,
+        "slow_call_warning": 0.25,
     }
     assert rest == ["app.py", "--max-workers", "1"]
     assert parse_options(["-m", "mod", "--sync-drivers"]) == ({}, ["-m", "mod", "--sync-drivers"])
     assert parse_options(["--handoff-timeout", "0"]) == ({"handoff_timeout": 0.0}, [])
+
+
+def test_options_are_install_keywords() -> None:
+    """The launcher's options are exactly install()'s keyword arguments
+    (a new keyword of install() needs its option here)."""
+    import inspect
+
+    import sqla_anyio_shim
+    from sqla_anyio_shim._launcher import OPTIONS
+
+    keywords = {
+        name
+        for name, p in inspect.signature(sqla_anyio_shim.install).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    assert {keyword for keyword, _ in OPTIONS.values()} == keywords
+    for option, (keyword, _) in OPTIONS.items():
+        assert option == "--" + keyword.replace("_", "-")
 
 
 def test_format_options_round_trip() -> None:
@@ -448,6 +469,7 @@ def test_format_options_round_trip() -> None:
         ["--max-idle-workers", "-1"],
         ["--idle-timeout", "nan"],
         ["--handoff-timeout", "-0.1"],
+        ["--slow-call-warning", "0"],
         ["--nope"],
     ],
 )
