@@ -182,7 +182,17 @@ class _QueueState:
     __slots__ = ("mutex", "items", "maxsize", "lifo", "getters", "putters", "bound")
 
     def __init__(self, maxsize: int, lifo: bool) -> None:
-        self.mutex = threading.Lock()
+        # Reentrant for the garbage collector's sake.  A task of a closed
+        # event loop that waited here is a reference cycle once its waiter
+        # has been dropped (_wake_one); the cyclic GC finalizes it on
+        # whatever thread allocates at that moment -- possibly one inside
+        # this very mutex -- and the coroutine's cleanup (_abandon) takes
+        # the mutex: with a plain Lock that thread, and the queue with it,
+        # would deadlock.  Only _abandon can nest so; it cannot change the
+        # items or the lock state, so its decisions agree with those of the
+        # section it interrupts, and _wake_one re-checks its deque after
+        # every wake-up.
+        self.mutex = threading.RLock()
         self.items: Deque[Any] = deque()
         self.maxsize = maxsize
         self.lifo = lifo
@@ -340,7 +350,8 @@ class _LockState:
     __slots__ = ("mutex", "locked", "waiters")
 
     def __init__(self) -> None:
-        self.mutex = threading.Lock()
+        # reentrant, for the reason given in _QueueState
+        self.mutex = threading.RLock()
         self.locked = False
         self.waiters: Deque[_Waiter] = deque()
 

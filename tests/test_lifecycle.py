@@ -705,3 +705,49 @@ def test_counts_exact_under_concurrent_loops() -> None:
         stats = pool.stats()
         assert stats.busy == 0 and stats.waiters == 0 and stats.total <= 2, stats
         wait_until(lambda: pool.stats().total == _alive_workers(), 10, "exact counts")
+
+
+# -- the loop-safe queue and lock: the same garbage-collector hazard ----------
+
+
+def test_primitive_waiter_finalized_inside_its_mutex() -> None:
+    """A task of a closed loop that waited on the loop-safe pool queue (or
+    the event lock) is finalized whenever the cyclic GC runs -- on any
+    thread, possibly inside that queue's own mutex (a worker checking a
+    connection out) -- and its cleanup takes the mutex.  It must not
+    deadlock the queue.  The finalizer is played by ``coro.close()``."""
+    from sqlalchemy.util.queue import AsyncAdaptedQueue
+
+    from sqla_anyio_shim import _primitives
+
+    queue = AsyncAdaptedQueue(maxsize=1)
+    queue_state = _primitives._queue_state(queue)
+    lock_state = _primitives._LockState()
+    lock_state.locked = True
+    waiting: list[Any] = []
+
+    async def start_waiting() -> None:
+        for coro in (
+            _primitives._queue_get(queue, queue_state, None),
+            _primitives._lock_acquire(lock_state),
+        ):
+            coro.send(None)  # runs up to its wait: its waiter is listed
+            waiting.append(coro)
+
+    asyncio.run(start_waiting())
+    assert len(queue_state.getters) == 1 and len(lock_state.waiters) == 1
+    done: list[str] = []
+
+    def finalize_inside_mutexes() -> None:
+        with queue_state.mutex:
+            waiting[0].close()
+        done.append("queue")
+        with lock_state.mutex:
+            waiting[1].close()
+        done.append("lock")
+
+    thread = threading.Thread(target=finalize_inside_mutexes, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert done == ["queue", "lock"], f"deadlocked after {done}"
+    assert not queue_state.getters and not lock_state.waiters
