@@ -324,13 +324,17 @@ class WorkerPool:
         """Start a new worker in the slot reserved by ``self._starting``."""
         try:
             worker = _Worker(self)
+        except BaseException:
+            self._unreserve()
+            raise
+        try:
             worker.thread.start()
         except BaseException as err:
-            with self._lock:
-                self._starting -= 1
-                running = len(self._all)
-                # the slot is free again: a waiter may use it
-                self._wake_next_locked()
+            if worker.thread.is_alive():
+                # interrupted (Ctrl-C) after the thread did start: stop it,
+                # it is not counted and no job will ever come
+                worker.submit(None)
+            running = self._unreserve()
             if isinstance(err, RuntimeError) and "shutdown" not in str(err):
                 raise RuntimeError(
                     f"sqla-anyio-shim could not start a worker thread ({err}) with "
@@ -346,6 +350,14 @@ class WorkerPool:
             self._starting -= 1
             self._all.add(worker)
         return worker
+
+    def _unreserve(self) -> int:
+        """A worker could not be started: free its slot (a waiter may use
+        it).  Returns the number of workers running."""
+        with self._lock:
+            self._starting -= 1
+            self._wake_next_locked()
+            return len(self._all)
 
     def _wake_next_locked(self) -> None:
         waiters = self._waiters
