@@ -219,6 +219,7 @@ class _Call:
         "channel",
         "finished",
         "abandoned",
+        "host_gone",
         "async_waiting",
         "waiter",
         "mailbox",
@@ -238,6 +239,7 @@ class _Call:
         "state",
         "user_running",
         "injected",
+        "worker_done",
     )
 
     def __init__(
@@ -264,6 +266,8 @@ class _Call:
         self.state = threading.Lock()
         self.user_running = False
         self.injected = False
+        # the worker has delivered its last message (see release_channel)
+        self.worker_done = False
         # KeyboardInterrupt / SystemExit that hit the host while it waited
         self.interrupt: Optional[BaseException] = None
         self.worker: Any = None
@@ -280,6 +284,8 @@ class _Call:
         # is then clean and can be reused
         self.finished = False
         # the host's coroutine was closed mid-call (see HostGone)
+        self.host_gone = False
+        # the host left the channel to the worker (see release_channel)
         self.abandoned = False
         # True while the host waits through the event loop rather than on
         # ``ready``: the worker must then also post a wake-up to the loop
@@ -321,6 +327,12 @@ class _Call:
         # greenlet_spawn() finds this warm thread
         _workers.pool.release(worker)
         self.deliver(_DONE)
+        with self.state:
+            self.worker_done = True
+            abandoned = self.abandoned
+        if abandoned:
+            # the host is gone and left the channel to us
+            _channel.put(self.channel, False)
 
     def enter_user(self) -> None:
         with self.state:
@@ -336,6 +348,19 @@ class _Call:
                 self.injected = False
                 _set_async_exc(_c_thread_id(self.thread_id), None)
 
+    def release_channel(self) -> None:
+        """Host side, when greenlet_spawn() ends.  A clean channel goes back
+        to the free list; after an abandoned call, whichever of the two
+        threads is last done with the channel closes it."""
+        if self.finished:
+            _channel.put(self.channel, True)
+            return
+        with self.state:
+            self.abandoned = True
+            worker_done = self.worker_done
+        if worker_done:
+            _channel.put(self.channel, False)
+
     def deliver(self, message: Any) -> None:
         self.outbox = message
         self.channel.signal_host()
@@ -349,7 +374,7 @@ class _Call:
         """``await_()`` in the worker: hand ``awaitable`` to the host and
         block until it has been awaited."""
         self.leave_user()
-        if self.abandoned:
+        if self.host_gone:
             _safe_close(awaitable)
             raise HostGone(HOST_GONE_MESSAGE)
         self.deliver(awaitable)
@@ -651,12 +676,12 @@ async def greenlet_spawn(
     if loop is not None:
         if checkpoint_calls:
             await _yield()
-        mailbox = _mailbox_for(loop, loop.call_soon_threadsafe)
-        call = _Call(fn, args, kwargs, mailbox, loop)
-        call.task = _current_task(loop)
         worker = _workers.pool.try_acquire()
         if worker is None:
             worker = await _wait_for_worker()
+        mailbox = _mailbox_for(loop, loop.call_soon_threadsafe)
+        call = _Call(fn, args, kwargs, mailbox, loop)
+        call.task = _current_task(loop)
         call.worker = worker
         mailbox.active += 1
         _count_call(1)
@@ -667,7 +692,7 @@ async def greenlet_spawn(
             mailbox.active -= 1
             _count_call(-1)
             _end_stretch(call)
-            _channel.put(call.channel, call.finished)
+            call.release_channel()
     return await _greenlet_spawn_trio(fn, args, kwargs, _require_await)
 
 
@@ -774,7 +799,7 @@ def _abandon(call: _Call) -> None:
     now, if it is already waiting for a reply -- instead of waiting forever
     for a host that no longer exists, so its cleanup runs and the worker
     goes back to the pool."""
-    call.abandoned = True
+    call.host_gone = True
     call.waiter = None
     if call.channel.take_message():
         # a message was waiting: an awaitable nobody will await (or DONE)
@@ -1094,12 +1119,11 @@ async def _greenlet_spawn_trio(
     # stops here before any sync code runs, and a task looping on queries
     # lets the others run
     await trio.lowlevel.checkpoint()
-    mailbox = _mailbox_for(token, token.run_sync_soon)
-    call = _Call(fn, args, kwargs, mailbox, None)
-    pool = _workers.pool
-    worker = pool.try_acquire()
+    worker = _workers.pool.try_acquire()
     if worker is None:
         worker = await _wait_for_worker()
+    mailbox = _mailbox_for(token, token.run_sync_soon)
+    call = _Call(fn, args, kwargs, mailbox, None)
     call.worker = worker
     mailbox.active += 1
     _count_call(1)
@@ -1113,7 +1137,7 @@ async def _greenlet_spawn_trio(
         mailbox.active -= 1
         _count_call(-1)
         _end_stretch(call)
-        _channel.put(call.channel, call.finished)
+        call.release_channel()
 
 
 async def _host_loop_trio(call: _Call, mailbox: _Mailbox, require_await: bool) -> Any:

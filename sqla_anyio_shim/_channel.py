@@ -26,7 +26,8 @@ So each channel is a pair of eventfds (Linux), with the Lock pair as the
 fallback elsewhere or when file descriptors run out.  Channels are reused
 (a free list, LIFO) because creating two file descriptors per call would
 cost more than the hop; a channel that may hold a stale wake-up (a call that
-ended abnormally) is closed instead of reused.  Counts: an eventfd is a
+ended abnormally) is closed, once neither thread can touch it, instead of
+reused.  Counts: an eventfd is a
 counter and exactly one message is in flight per direction, so it only ever
 holds 0 or 1.
 """
@@ -100,10 +101,6 @@ class _EventfdChannel:
                 except OSError:
                     pass
 
-    # a channel dropped with its call (an abandoned call) frees its
-    # descriptors; the free list keeps the reused ones alive
-    __del__ = close
-
 
 class _LockChannel:
     """The portable fallback: the same interface on two locks."""
@@ -160,8 +157,10 @@ def get() -> Channel:
 
 def put(channel: Channel, clean: bool) -> None:
     """Give ``channel`` back after a call.  ``clean``: both directions were
-    consumed (a normal end); otherwise it may hold a stale wake-up and is
-    closed."""
+    consumed (a normal end), so it is reused; otherwise it is closed.  The
+    caller guarantees that neither thread touches it any more (see
+    ``_Call.release_channel``): closing it earlier could let a thread write
+    to a descriptor number the process has reused since."""
     if clean:
         with _lock:
             if len(_free) < MAX_FREE:
