@@ -560,9 +560,13 @@ def run_suite(
         run.exit_code = -1
         run.problem = f"did not finish within {RUN_TIMEOUT:.0f} s"
     run.seconds = time.monotonic() - start
-    print(f"   {pytest_summary(log)}  ({run.seconds:.1f} s)", flush=True)
     if junit.exists():
         parse_junit(junit, run)
+    closing = pytest_summary(log) or (
+        f"{run.count('passed')} passed, {run.count('failed')} failed, "
+        f"{run.count('skipped')} skipped, {run.count('error')} errors (JUnit XML)"
+    )
+    print(f"   {closing}  ({run.seconds:.1f} s)", flush=True)
     if not run.problem and run.exit_code not in (0, 1):
         run.problem = f"pytest exited {run.exit_code} (see {log})"
     if not run.outcomes and not run.problem:
@@ -576,13 +580,13 @@ def run_suite(
 
 
 def pytest_summary(log: Path) -> str:
-    """pytest's closing line ("6 passed in 0.42s"), or the log's last line."""
+    """pytest's closing line ("6 passed in 0.42s"), or '' (-qq has none)."""
     lines = log.read_text(errors="replace").strip().splitlines() or [""]
     for line in reversed(lines):
         # (-qq, as a suite's addopts plus ours give, drops the " in 1.2s")
         if re.match(r"=* ?(\d+ (passed|failed|errors?|skipped|deselected)\b|no tests ran)", line):
             return line.strip("= ")
-    return lines[-1]
+    return ""
 
 
 def check_probe(kind: str, probe: Dict[str, object]) -> str:
