@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from . import _bridge, _patching, _workers
+from . import _bridge, _handoff, _patching, _workers
 from ._patching import UnsupportedSQLAlchemyVersion as UnsupportedSQLAlchemyVersion
 
 __all__ = [
@@ -97,8 +97,8 @@ def install(
     )
     _patching.install(sync_drivers=sync_drivers)
     # threading.Lock.acquire(True, -1) waits without a bound
-    _bridge.handoff_timeout = -1 if handoff_timeout is None else handoff_timeout
-    _bridge.slow_hold_threshold = slow_call_warning
+    _handoff.handoff_timeout = -1 if handoff_timeout is None else handoff_timeout
+    _handoff.slow_hold_threshold = slow_call_warning
 
 
 def uninstall() -> None:

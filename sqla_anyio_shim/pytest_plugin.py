@@ -199,19 +199,19 @@ def _bridge_await_points(cancel_at: Any = ()) -> Iterator[Any]:
     """``testing.cancellation.await_points`` for the thread bridge."""
     from sqlalchemy.testing import cancellation
 
-    from . import _bridge
+    from . import _handoff
 
     points = cancellation.AwaitPoints(cancel_at)
 
     def hook(awaitable: Any) -> Any:
         return cancellation._InstrumentedAwaitable(awaitable, points)
 
-    previous = _bridge._await_hook
-    _bridge._await_hook = hook
+    previous = _handoff.await_hook
+    _handoff.await_hook = hook
     try:
         yield points
     finally:
-        _bridge._await_hook = previous
+        _handoff.await_hook = previous
 
 
 def _adapt_harness() -> None:

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import exc
 from sqlalchemy.util import concurrency
 
-from sqla_anyio_shim import _bridge, _workers
+from sqla_anyio_shim import _bridge, _handoff, _workers
 
 from .conftest import wait_until
 
@@ -329,7 +329,7 @@ async def test_cancel_while_sync_code_runs_lands_at_next_await(anyio_backend: An
             # wait (through the loop) until the worker is inside sync()
             while not started.is_set():
                 await anyio.sleep(0.001)
-            await anyio.sleep(_bridge.handoff_timeout * 2)
+            await anyio.sleep(_handoff.handoff_timeout * 2)
             tg.cancel_scope.cancel()
             release.set()
     assert outcome == ["plain python finished", "cancelled at next await_"]
@@ -365,7 +365,7 @@ async def test_cancel_while_sync_code_finishes_without_await(anyio_backend: Any)
             tg.start_soon(run)
             while not started.is_set():
                 await anyio.sleep(0.001)
-            await anyio.sleep(_bridge.handoff_timeout * 2)
+            await anyio.sleep(_handoff.handoff_timeout * 2)
             tg.cancel_scope.cancel()
             release.set()
     assert events == ["done", "cancelled at the next await"]
@@ -506,7 +506,7 @@ async def test_pending_cancel_still_starts_shielded_cleanup(asyncio_only: None, 
     with anyio.fail_after(10):
         while not started.is_set():
             await asyncio.sleep(0.001)
-        await asyncio.sleep(_bridge.handoff_timeout * 2)
+        await asyncio.sleep(_handoff.handoff_timeout * 2)
         task.cancel()
         release.set()
         with pytest.raises(asyncio.CancelledError):
@@ -544,7 +544,7 @@ async def test_unbounded_handoff_keeps_sync_code_atomic(anyio_backend: Any) -> N
                 stop.set()
     finally:
         sqla_anyio_shim.install()
-    assert _bridge.handoff_timeout == 0.002
+    assert _handoff.handoff_timeout == 0.002
 
 
 def test_bad_handoff_timeout() -> None:

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import declarative_base
 from sqlalchemy.util import concurrency
 
-from sqla_anyio_shim import _bridge
+from sqla_anyio_shim import _bridge, _handoff
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -111,7 +111,7 @@ async def test_task_cancel_during_plain_python_lands_at_next_suspension(anyio_ba
     task = asyncio.ensure_future(victim())
     while not started.is_set():
         await asyncio.sleep(0.001)
-    await asyncio.sleep(_bridge.handoff_timeout * 2 if _bridge.handoff_timeout > 0 else 0.01)
+    await asyncio.sleep(_handoff.handoff_timeout * 2 if _handoff.handoff_timeout > 0 else 0.01)
     task.cancel()
     release.set()
     with pytest.raises(asyncio.CancelledError):

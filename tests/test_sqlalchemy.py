@@ -23,7 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.util import concurrency
 from sqlalchemy.util import queue as sqla_queue
 
-from sqla_anyio_shim import _bridge, _workers
+from sqla_anyio_shim import _bridge, _handoff, _workers
 
 from .conftest import wait_until
 
@@ -128,11 +128,11 @@ async def test_cancel_at_each_await_point_returns_connection(
         points[0] += 1
         return aw
 
-    _bridge._await_hook = counting
+    _handoff.await_hook = counting
     try:
         await scenario(0)
     finally:
-        _bridge._await_hook = None
+        _handoff.await_hook = None
     total = points[0]
     assert total > 3
 
@@ -151,7 +151,7 @@ async def test_cancel_at_each_await_point_returns_connection(
                     holder[0].cancel()
                 return aw
 
-            _bridge._await_hook = cancel_task_at_n
+            _handoff.await_hook = cancel_task_at_n
             try:
                 task = asyncio.ensure_future(scenario(n))
                 holder.append(task)
@@ -161,7 +161,7 @@ async def test_cancel_at_each_await_point_returns_connection(
                     except asyncio.CancelledError:
                         pass
             finally:
-                _bridge._await_hook = None
+                _handoff.await_hook = None
             assert task.cancelled(), f"cancel at await point {n} of {total} was lost"
         else:
             with anyio.CancelScope() as scope:
@@ -172,12 +172,12 @@ async def test_cancel_at_each_await_point_returns_connection(
                         scope.cancel()
                     return aw
 
-                _bridge._await_hook = cancel_scope_at_n
+                _handoff.await_hook = cancel_scope_at_n
                 try:
                     with anyio.fail_after(20):
                         await scenario(n)
                 finally:
-                    _bridge._await_hook = None
+                    _handoff.await_hook = None
             assert scope.cancelled_caught, f"cancel at await point {n} of {total} was lost"
         gc.collect()
         assert engine.pool.checkedout() == 0, f"slot lost at await point {n}"

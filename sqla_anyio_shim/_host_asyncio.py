@@ -1,0 +1,234 @@
+"""The host loop on asyncio: the task that awaits ``greenlet_spawn()``
+serves its worker's awaitables, and delivers cancellation where greenlet
+would (see docs/principle.md, "Cancellation")."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Optional
+
+from . import _handoff
+from ._handoff import (
+    _DONE,
+    _abandon,
+    _acquire_blocking,
+    _Call,
+    _end_stretch,
+    _finish,
+    _inject,
+    _Mailbox,
+    _safe_close,
+    _serve,
+)
+
+_CancelledError = asyncio.CancelledError
+
+
+async def drive(call: _Call, loop: asyncio.AbstractEventLoop, require_await: bool) -> Any:
+    """Serve ``call`` until its sync code has finished; its outcome."""
+    channel = call.channel
+    mailbox = call.mailbox
+    try:
+        return await _host_loop_asyncio(call, loop, require_await, channel, mailbox)
+    except GeneratorExit:
+        _abandon(call)
+        raise
+
+
+async def _host_loop_asyncio(
+    call: _Call,
+    loop: asyncio.AbstractEventLoop,
+    require_await: bool,
+    channel: Any,
+    mailbox: _Mailbox,
+) -> Any:
+    switched = False
+    cancelled: Optional[BaseException] = None
+    while True:
+        if _handoff.handoff_timeout < 0:
+            timeout = -1.0
+        elif _handoff._ADAPTIVE and mailbox.active > 1:
+            # other calls in flight and no GIL: do not block the loop on
+            # this worker; the loop serves the others meanwhile and their
+            # workers run in parallel with this one
+            timeout = 0.0
+        else:
+            timeout = _handoff.handoff_timeout
+        if not _acquire_blocking(call, channel, timeout):
+            # the sync code runs longer than a hand-off: let the loop run
+            _end_stretch(call)
+            call.async_waiting = True
+            while not channel.take_message():
+                waiter = call.waiter = loop.create_future()
+                try:
+                    await waiter
+                except _CancelledError as err:
+                    # the worker is running plain Python and cannot be
+                    # interrupted
+                    call.waiter = None
+                    if _interrupted_by(err) is not None:
+                        # the loop is being torn down by a Ctrl-C (the
+                        # runner cancels every task while KeyboardInterrupt
+                        # propagates): stop the sync code now rather than
+                        # when it next awaits, as Ctrl-C would stop it on
+                        # greenlet's loop thread
+                        _inject(call, _CancelledError)
+                    if _is_anyio_cancellation(err):
+                        # level-triggered: anyio delivers it again at the
+                        # next await inside its scope, so it must not be
+                        # re-armed (it would escape the scope); wait out the
+                        # worker shielded, so that anyio does not retry on
+                        # every loop iteration meanwhile
+                        native = await _wait_shielded(call, loop)
+                        if native is not None:
+                            cancelled = native
+                            call.cancel_count = _cancelling(call.task)
+                        break
+                    # asyncio's own, edge-triggered: deliver it at the
+                    # worker's next await_() (or, see _defer, once the task
+                    # next suspends)
+                    cancelled = err
+                    call.cancel_count = _cancelling(call.task)
+            call.async_waiting = False
+        awaitable = call.take()
+        if awaitable is _DONE:
+            call.finished = True
+            break
+        switched = True
+        if call.interrupt is not None:
+            # Ctrl-C hit the host while the sync code ran: the sync code
+            # sees it at this await_() (if the injected one has not
+            # landed yet), runs its cleanup, and the interrupt propagates
+            _safe_close(awaitable)
+            call.send(None, call.interrupt)
+            del awaitable
+            continue
+        if cancelled is not None:
+            # deliver the cancellation that arrived while the sync code ran
+            # plain Python exactly as asyncio would have delivered it here:
+            # re-arm it on our task and await the awaitable, which then runs
+            # up to its first suspension and is cancelled there (so that,
+            # e.g., asyncio.shield() still starts its inner task, as it does
+            # under greenlet).  The count of cancel requests stays balanced.
+            _rearm(call.task, cancelled)
+            cancelled = None
+        await _serve(call, awaitable)
+        del awaitable
+    if cancelled is not None:
+        # the cancellation arrived while the sync code ran its last stretch
+        # of plain Python.  Under greenlet it could not have arrived before
+        # greenlet_spawn() returned, so it must not replace the outcome (a
+        # connection the sync code just checked out would be lost with the
+        # result): it is requested again once this step of the task is
+        # over, unless its requester withdrew it meanwhile (see _defer).
+        _defer(call.task, call.loop, cancelled, call.cancel_count)
+        del cancelled
+    return _finish(call, switched, require_await)
+
+
+def _interrupted_by(err: BaseException) -> Optional[BaseException]:
+    """The KeyboardInterrupt / SystemExit being handled when the
+    cancellation ``err`` was thrown into the task, if any (an event-loop
+    runner cancelling its tasks on Ctrl-C)."""
+    seen = 0
+    context = err.__context__
+    while context is not None and seen < 8:
+        if isinstance(context, (KeyboardInterrupt, SystemExit)):
+            return context
+        context = context.__context__
+        seen += 1
+    return None
+
+
+def _is_anyio_cancellation(err: BaseException) -> bool:
+    """Whether ``err`` was delivered by an anyio cancel scope (whose
+    messages start so; anyio's own ``is_anyio_cancellation`` checks the same,
+    including the ``__context__`` chain)."""
+    while isinstance(err, _CancelledError):
+        if err.args and isinstance(err.args[0], str) and err.args[0].startswith(
+            "Cancelled via cancel scope "
+        ):
+            return True
+        err = err.__context__  # type: ignore[assignment]
+    return False
+
+
+async def _wait_shielded(
+    call: _Call, loop: asyncio.AbstractEventLoop
+) -> Optional[BaseException]:
+    """Wait for the worker's next message inside a shielded anyio scope.
+    Returns a native asyncio cancellation that arrived meanwhile, if any."""
+    import anyio
+
+    native: Optional[BaseException] = None
+    with anyio.CancelScope(shield=True):
+        while not call.channel.take_message():
+            waiter = call.waiter = loop.create_future()
+            try:
+                await waiter
+            except _CancelledError as err:
+                call.waiter = None
+                if not _is_anyio_cancellation(err):
+                    native = err
+    return native
+
+
+def _cancelling(task: Any) -> int:
+    """The task's count of pending cancel requests (0 before Python 3.11,
+    which does not count them)."""
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling() if cancelling is not None else 0
+
+
+def _rearm(task: Any, cancelled: BaseException) -> None:
+    """Put a cancellation we caught (and so consumed) back on ``task``: it
+    is then delivered at the task's next suspension, with the same count of
+    cancel requests as before."""
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()
+    task.cancel(*cancelled.args[:1])
+
+
+def _defer(
+    task: Any,
+    loop: Any,
+    cancelled: BaseException,
+    count: int,
+) -> None:
+    """Request again, at the next loop iteration, a native asyncio
+    cancellation that arrived while the sync code ran plain Python and that
+    the sync code finished without reaching another await point.
+
+    Under greenlet the canceller (a timer, another task) could not have run
+    before the task's next suspension, because the sync code ran on the
+    loop thread.  So:
+
+    * if the task finishes before it next suspends, the cancellation must
+      not end it (its result, say a connection just checked out, would be
+      dropped): the task is done by the next iteration, nothing happens;
+    * if the requester withdraws it first -- ``asyncio.timeout()`` /
+      ``wait_for()`` leaving their block call ``task.uncancel()`` -- it must
+      not escape the block: the count of cancel requests has dropped below
+      the one we saw, nothing happens;
+    * otherwise it is delivered where the task next suspends, as greenlet
+      would have delivered it.
+    """
+    args = cancelled.args[:1]
+    if loop is None:
+        return
+
+    def redeliver() -> None:
+        if task.done():
+            return
+        cancelling = getattr(task, "cancelling", None)
+        if cancelling is not None:
+            if cancelling() < count:
+                return  # withdrawn by its requester
+            task.uncancel()  # keep the count balanced: re-request, not add
+        task.cancel(*args)
+
+    try:
+        loop.call_soon(redeliver)
+    except RuntimeError:
+        pass  # the loop is closed: nothing left to cancel

@@ -1,0 +1,116 @@
+"""The host loop on trio: the task that awaits ``greenlet_spawn()`` serves
+its worker's awaitables.  trio's cancellation is level-triggered, so the
+waits for the worker are uncancellable and a cancellation lands at the next
+checkpoint by itself (the next awaitable, or the caller's next checkpoint)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Awaitable, Callable
+
+from . import _handoff, _workers
+from ._handoff import (
+    _DONE,
+    _abandon,
+    _acquire_blocking,
+    _Call,
+    _count_call,
+    _end_stretch,
+    _finish,
+    _Mailbox,
+    _mailbox_for,
+    _safe_close,
+    _serve,
+)
+
+def _abort_failed(raise_cancel: Any) -> Any:
+    import trio
+
+    # the worker runs plain Python that cannot be interrupted: the wait is
+    # uncancellable and trio delivers the cancellation at the next
+    # checkpoint, which is the next await_() of the sync code
+    return trio.lowlevel.Abort.FAILED
+
+
+async def spawn(
+    fn: Callable[..., Any],
+    args: Any,
+    kwargs: Any,
+    require_await: bool,
+    wait_for_worker: Callable[[], Awaitable[Any]],
+) -> Any:
+    """greenlet_spawn() under trio."""
+    trio = sys.modules.get("trio")
+    token = None
+    if trio is not None:
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            token = None
+    if token is None:
+        raise RuntimeError(
+            "greenlet_spawn() must be awaited in a task of an asyncio or "
+            "trio event loop (sqla-anyio-shim supports both through anyio)"
+        )
+    # a checkpoint, as every trio async function is: a cancelled scope
+    # stops here before any sync code runs, and a task looping on queries
+    # lets the others run
+    await trio.lowlevel.checkpoint()
+    worker = _workers.pool.try_acquire()
+    if worker is None:
+        worker = await wait_for_worker()
+    mailbox = _mailbox_for(token, token.run_sync_soon)
+    call = _Call(fn, args, kwargs, mailbox, None)
+    call.worker = worker
+    mailbox.active += 1
+    _count_call(1)
+    try:
+        worker.submit(call.run)
+        return await _host_loop_trio(call, mailbox, require_await)
+    except GeneratorExit:
+        _abandon(call)
+        raise
+    finally:
+        mailbox.active -= 1
+        _count_call(-1)
+        _end_stretch(call)
+        call.release_channel()
+
+
+async def _host_loop_trio(call: _Call, mailbox: _Mailbox, require_await: bool) -> Any:
+    import trio
+
+    task = trio.lowlevel.current_task()
+    wait = trio.lowlevel.wait_task_rescheduled
+    channel = call.channel
+    switched = False
+    while True:
+        if _handoff.handoff_timeout < 0:
+            timeout = -1.0
+        elif _handoff._ADAPTIVE and mailbox.active > 1:
+            timeout = 0.0  # other calls in flight: see _host_loop_asyncio
+        else:
+            timeout = _handoff.handoff_timeout
+        if not _acquire_blocking(call, channel, timeout):
+            _end_stretch(call)
+            call.async_waiting = True
+            while not channel.take_message():
+                call.waiter = task
+                await wait(_abort_failed)
+            call.async_waiting = False
+        awaitable = call.take()
+        if awaitable is _DONE:
+            call.finished = True
+            break
+        switched = True
+        if call.interrupt is not None:
+            _safe_close(awaitable)
+            call.send(None, call.interrupt)
+            del awaitable
+            continue
+        await _serve(call, awaitable)
+        del awaitable
+    # a cancellation that arrived while the sync code ran its last stretch
+    # of plain Python stays pending in trio's cancel scope and lands at the
+    # caller's next checkpoint: raising it here would lose the outcome
+    return _finish(call, switched, require_await)
