@@ -57,9 +57,9 @@ import tarfile
 import time
 import venv
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,10 +86,10 @@ GREENLET = "greenlet==3.5.6"
 @dataclass(frozen=True)
 class Database:
     name: str
-    env: Dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     postgresql: bool = False
     # appended to the project's pytest arguments (a -m selection, a plugin)
-    pytest_args: Tuple[str, ...] = ()
+    pytest_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,9 @@ class Project:
     name: str
     version: str
     # pinned: the direct requirements that decide what is tested
-    requirements: Tuple[str, ...]
-    databases: Tuple[Database, ...]
-    pytest_args: Tuple[str, ...] = ("tests",)
+    requirements: tuple[str, ...]
+    databases: tuple[Database, ...]
+    pytest_args: tuple[str, ...] = ("tests",)
     adaptation: str = "none"
     # run without --project; the heavy ones are opt-in (CI's time budget)
     default: bool = True
@@ -116,7 +116,7 @@ class Project:
 # loader tests fail on a used database, on greenlet as on the shim).
 PEERS_PG_DB = "sqla_peers"
 
-PROJECTS: Tuple[Project, ...] = (
+PROJECTS: tuple[Project, ...] = (
     Project(
         name="fastapi-users-db-sqlalchemy",
         version="7.0.0",
@@ -316,7 +316,7 @@ def _python(env: Path) -> Path:
     return env / "bin" / "python"
 
 
-def cache_root(arg: Optional[str]) -> Path:
+def cache_root(arg: str | None) -> Path:
     if arg:
         return Path(arg)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
@@ -351,7 +351,10 @@ def fresh_tree(sdist: Path, dest: Path) -> Path:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     with tarfile.open(sdist) as tar:
-        tar.extractall(dest)
+        if hasattr(tarfile, "data_filter"):  # 3.10.12+/3.11.4+: refuse odd members
+            tar.extractall(dest, filter="data")
+        else:
+            tar.extractall(dest)
     (root,) = [p for p in dest.iterdir() if p.is_dir()]
     if not (root / "tests").is_dir():
         raise SystemExit(f"{sdist.name} has no tests/ directory")
@@ -397,7 +400,7 @@ def make_env(kind: str, project: Project, sdist: Path, cache: Path, shim: Path) 
     return env
 
 
-def write_harness(cache: Path) -> Tuple[Path, Path]:
+def write_harness(cache: Path) -> tuple[Path, Path]:
     """Directories for PYTHONPATH: the probe plugin (both runs) and the
     sitecustomize that switches the shim on (shim run, sitecustomize mode)."""
     probe_dir = cache / "harness" / "probe"
@@ -411,9 +414,9 @@ def write_harness(cache: Path) -> Tuple[Path, Path]:
 
 
 def shim_command(
-    activation: str, python: Path, pytest_argv: List[str], env: Dict[str, str],
+    activation: str, python: Path, pytest_argv: list[str], env: dict[str, str],
     site_dir: Path,
-) -> List[str]:
+) -> list[str]:
     """The command line (and environment, updated in place) of a shim run.
     Every form runs pytest as ``python -m pytest`` does (the current
     directory first on sys.path), as the greenlet run does."""
@@ -452,7 +455,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 '''
 
 
-def prepare_pg(python: Path) -> Optional[str]:
+def prepare_pg(python: Path) -> str | None:
     """Create our database afresh; None when done, else why not."""
     proc = subprocess.run(
         [str(python), "-c", PG_PREPARE, f"postgresql://{pg_host()}/test", PEERS_PG_DB],
@@ -473,11 +476,11 @@ OUTCOME_RANK = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
 @dataclass
 class Run:
     label: str
-    outcomes: Dict[str, str] = field(default_factory=dict)
-    messages: Dict[str, str] = field(default_factory=dict)
+    outcomes: dict[str, str] = field(default_factory=dict)
+    messages: dict[str, str] = field(default_factory=dict)
     exit_code: int = 0
     seconds: float = 0.0
-    probe: Dict[str, object] = field(default_factory=dict)
+    probe: dict[str, object] = field(default_factory=dict)
     problem: str = ""
 
     def count(self, outcome: str) -> int:
@@ -589,7 +592,7 @@ def pytest_summary(log: Path) -> str:
     return ""
 
 
-def check_probe(kind: str, probe: Dict[str, object]) -> str:
+def check_probe(kind: str, probe: dict[str, object]) -> str:
     """'' when the run ran on what it claims, else what is wrong."""
     if kind == "shim":
         if not probe.get("shim_installed"):
@@ -610,10 +613,10 @@ def check_probe(kind: str, probe: Dict[str, object]) -> str:
 class Row:
     project: Project
     db: Database
-    greenlet: Optional[Run] = None
-    shim: Optional[Run] = None
+    greenlet: Run | None = None
+    shim: Run | None = None
     note: str = ""
-    differences: List[Tuple[str, str, str, str]] = field(default_factory=list)
+    differences: list[tuple[str, str, str, str]] = field(default_factory=list)
     regressions: int = 0
 
 
@@ -631,7 +634,7 @@ def compare(row: Row) -> None:
             row.regressions += 1
 
 
-def print_table(rows: List[Row]) -> None:
+def print_table(rows: list[Row]) -> None:
     print()
     print("== peer suites: greenlet vs shim (passed/failed/skipped/error)")
     header = ("project", "version", "database", "greenlet", "shim", "differ", "seconds g/s")
@@ -647,7 +650,8 @@ def print_table(rows: List[Row]) -> None:
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+        cells = (cell.ljust(w) for cell, w in zip(line, widths, strict=True))
+        print("  " + "  ".join(cells).rstrip())
     for r in rows:
         for run in (r.greenlet, r.shim):
             if run is not None and run.problem:
@@ -664,7 +668,7 @@ def print_table(rows: List[Row]) -> None:
                       "on both (the peer's, not the shim's)")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", action="append", default=[],
                         help="run only this project (repeatable; opt-in ones too)")
@@ -703,7 +707,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"== peers: cache {cache}, shim from {args.shim}, activation {args.activation}, "
           f"Python {sys.version.split()[0]}", flush=True)
 
-    rows: List[Row] = []
+    rows: list[Row] = []
     failed = False
     for project in projects:
         sdist = fetch_sdist(project, cache)
@@ -716,7 +720,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 continue
             row = Row(project, db)
             rows.append(row)
-            runs: Dict[str, Run] = {}
+            runs: dict[str, Run] = {}
             for kind in ("greenlet", "shim"):
                 problem = prepare_pg(_python(envs["greenlet"])) if db.postgresql else None
                 if problem:
