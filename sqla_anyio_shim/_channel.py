@@ -45,7 +45,7 @@ _HAS_EVENTFD = hasattr(os, "eventfd") and hasattr(select, "poll")
 
 
 class _EventfdChannel:
-    __slots__ = ("_to_host", "_to_worker", "_poll", "__weakref__")
+    __slots__ = ("_to_host", "_to_worker", "_poll", "_worker_poll", "__weakref__")
 
     def __init__(self) -> None:
         # the host never blocks in read(): it polls with a timeout, then
@@ -58,14 +58,20 @@ class _EventfdChannel:
             raise
         self._poll = select.poll()
         self._poll.register(self._to_host, select.POLLIN)
+        self._worker_poll = select.poll()
+        self._worker_poll.register(self._to_worker, select.POLLIN)
 
     # -- worker side -------------------------------------------------------
 
     def signal_host(self) -> None:
         os.eventfd_write(self._to_host, 1)
 
-    def wait_reply(self) -> None:
+    def wait_reply(self, timeout: float) -> bool:
+        """Block until the host's reply, for at most ``timeout`` seconds."""
+        if not self._worker_poll.poll(int(timeout * 1000)):
+            return False
         os.eventfd_read(self._to_worker)
+        return True
 
     # -- host side -----------------------------------------------------------
 
@@ -116,8 +122,8 @@ class _LockChannel:
     def signal_host(self) -> None:
         self._to_host.release()
 
-    def wait_reply(self) -> None:
-        self._to_worker.acquire()
+    def wait_reply(self, timeout: float) -> bool:
+        return self._to_worker.acquire(True, timeout)
 
     def take_message(self) -> bool:
         return self._to_host.acquire(False)

@@ -71,6 +71,10 @@ slow_hold_threshold: Optional[float] = 0.1
 
 _log = logging.getLogger("sqla_anyio_shim")
 
+#: seconds a worker waits for a reply before it checks that its host's loop
+#: still exists (a task parked in await_() when its loop is closed)
+_LIVENESS_INTERVAL = 1.0
+
 # counters for stats(); guarded by _stats_lock (several loops in several
 # threads may run calls at once, and without the GIL += is not atomic)
 _stats_lock = threading.Lock()
@@ -161,7 +165,7 @@ class _Call:
         "inbox",
         "channel",
         "finished",
-        "abandoned",
+        "owners",
         "host_gone",
         "async_waiting",
         "waiter",
@@ -182,7 +186,6 @@ class _Call:
         "state",
         "user_running",
         "injected",
-        "worker_done",
     )
 
     def __init__(
@@ -209,8 +212,6 @@ class _Call:
         self.state = threading.Lock()
         self.user_running = False
         self.injected = False
-        # the worker has delivered its last message (see release_channel)
-        self.worker_done = False
         # KeyboardInterrupt / SystemExit that hit the host while it waited
         self.interrupt: Optional[BaseException] = None
         self.worker: Any = None
@@ -228,8 +229,8 @@ class _Call:
         self.finished = False
         # the host's coroutine was closed mid-call (see HostGone)
         self.host_gone = False
-        # the host left the channel to the worker (see release_channel)
-        self.abandoned = False
+        # host and worker each release the channel once (release_channel)
+        self.owners = 2
         # True while the host waits through the event loop rather than on
         # ``ready``: the worker must then also post a wake-up to the loop
         self.async_waiting = False
@@ -270,12 +271,7 @@ class _Call:
         # greenlet_spawn() finds this warm thread
         _workers.pool.release(worker)
         self.deliver(_DONE)
-        with self.state:
-            self.worker_done = True
-            abandoned = self.abandoned
-        if abandoned:
-            # the host is gone and left the channel to us
-            _channel.put(self.channel, False)
+        self.release_channel()
 
     def enter_user(self) -> None:
         with self.state:
@@ -292,17 +288,16 @@ class _Call:
                 _set_async_exc(_c_thread_id(self.thread_id), None)
 
     def release_channel(self) -> None:
-        """Host side, when greenlet_spawn() ends.  A clean channel goes back
-        to the free list; after an abandoned call, whichever of the two
-        threads is last done with the channel closes it."""
-        if self.finished:
-            _channel.put(self.channel, True)
-            return
+        """Called once by the host (when greenlet_spawn() ends, however it
+        ends) and once by the worker (after its last message).  The second
+        caller hands the channel back: to the free list if the host took the
+        final message (both directions consumed), closed otherwise.  Before
+        both are done, neither closing nor reuse would be safe."""
         with self.state:
-            self.abandoned = True
-            worker_done = self.worker_done
-        if worker_done:
-            _channel.put(self.channel, False)
+            self.owners -= 1
+            last = self.owners == 0
+        if last:
+            _channel.put(self.channel, self.finished)
 
     def deliver(self, message: Any) -> None:
         self.outbox = message
@@ -321,7 +316,16 @@ class _Call:
             _safe_close(awaitable)
             raise HostGone(HOST_GONE_MESSAGE)
         self.deliver(awaitable)
-        self.channel.wait_reply()
+        channel = self.channel
+        while not channel.wait_reply(_LIVENESS_INTERVAL):
+            if not self.mailbox.host_alive(self.loop):
+                # the loop was closed (or the trio run ended) with the task
+                # parked here: nobody will ever reply.  greenlet would throw
+                # GreenletExit into this frame when the task is collected;
+                # the task cannot be collected while this frame holds it, so
+                # the worker notices by itself.
+                self.host_gone = True
+                raise HostGone(HOST_GONE_MESSAGE)
         self.enter_user()
         value, error, snapshot = self.inbox
         self.inbox = None
@@ -405,12 +409,27 @@ class _Mailbox:
                 self._calls.clear()
                 self._scheduled = False
 
+    def host_alive(self, loop: Optional[asyncio.AbstractEventLoop]) -> bool:
+        """Whether the host's event loop (or trio run) can still run the
+        host task.  Asked by a worker that has waited long for a reply."""
+        if loop is not None:
+            return not loop.is_closed()
+        try:
+            self._schedule(_noop)  # trio: RunFinishedError once the run is over
+        except RuntimeError:
+            return False
+        return True
+
     def _drain(self) -> None:
         with self._lock:
             calls, self._calls = self._calls, []
             self._scheduled = False
         for call in calls:
             call.wakeup()
+
+
+def _noop() -> None:
+    pass
 
 
 #: per host thread: (loop or trio token, its mailbox) of the last call

@@ -679,3 +679,77 @@ def test_bad_slow_call_warning_is_refused() -> None:
 
     with pytest.raises(ValueError, match="slow_call_warning"):
         sqla_anyio_shim.install(slow_call_warning=-1)
+
+
+# -- scenario 4, the bridge's part: a task parked in await_() when its loop closes
+
+_PARKED_WHEN_LOOP_CLOSES = r"""
+import asyncio, gc, os, sys, tempfile, threading, time
+gc.disable()  # the task must not be collected: the worker notices by itself
+import sqla_anyio_shim
+sqla_anyio_shim.install()
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqla_anyio_shim import _workers
+
+path = os.path.join(tempfile.mkdtemp(), "parked.db")
+engine = create_async_engine(f"sqlite+aiosqlite:///{path}", pool_size=1, max_overflow=0, pool_timeout=60)
+hold = None
+
+async def holder(ready):
+    global hold
+    hold = await engine.connect()
+    ready.set()
+
+async def main():
+    ready = asyncio.Event()
+    asyncio.ensure_future(holder(ready))
+    await ready.wait()
+    # the only connection is held: this task parks in the pool's queue,
+    # its worker blocked in await_()
+    asyncio.ensure_future(engine.connect())
+    for _ in range(2000):
+        if _workers.pool.stats().busy == 1:
+            break
+        await asyncio.sleep(0.005)
+    assert _workers.pool.stats().busy == 1
+
+loop = asyncio.new_event_loop()
+loop.run_until_complete(main())
+loop.close()
+started = time.monotonic()
+while _workers.pool.stats().busy and time.monotonic() - started < 20:
+    time.sleep(0.01)
+print("busy", _workers.pool.stats().busy, "after %.1f" % (time.monotonic() - started))
+
+async def again():
+    eng = create_async_engine("sqlite+aiosqlite://")
+    async with eng.connect() as conn:
+        value = await conn.scalar(text("select 42"))
+    await eng.dispose()
+    return value
+
+print("query", asyncio.run(again()))
+"""
+
+
+def test_worker_parked_in_await_when_loop_closes_is_released() -> None:
+    """Scenario 4 (bridge): a task parked in ``await_()`` (waiting for a pool
+    connection) when its loop is closed.  Nothing will ever reply, and the
+    task cannot be collected while the worker's frame holds it, so the
+    worker notices the closed loop by itself and raises HostGone into the
+    sync code (greenlet raises GreenletExit there when the task is
+    collected): the worker goes back to the pool instead of staying busy."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", _PARKED_WHEN_LOOP_CLOSES],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert lines[0].startswith("busy 0 after"), out.stdout
+    assert float(lines[0].split()[-1]) < 10
+    assert lines[1] == "query 42", out.stdout
