@@ -167,6 +167,19 @@ PROJECTS: tuple[Project, ...] = (
         adaptation="only its asyncio tests (tests/test_asyncio.py) are run",
     ),
     Project(
+        name="alchemical",
+        version="1.0.3",
+        requirements=(
+            "sqlalchemy==2.1.9",
+            "aiosqlite==0.22.1",
+        ),
+        databases=(Database("sqlite"),),
+        # unittest classes, one asyncio.run() per test; the rest of its
+        # suite is sync (and Flask)
+        pytest_args=("tests/test_aio.py",),
+        adaptation="only its asyncio tests (tests/test_aio.py) are run",
+    ),
+    Project(
         name="advanced-alchemy",
         version="1.12.0",
         # its test tree imports every integration it has (Litestar, FastAPI,
