@@ -144,7 +144,8 @@ def _driver_of(args: argparse.Namespace) -> str:
 
 
 def _pip_install(python: Path, *args: str) -> "subprocess.CompletedProcess[str]":
-    cmd = [str(python), "-m", "pip", "install", "-q", *args]
+    # not -q: the output names the version pip picked ("greenlet-X.tar.gz")
+    cmd = [str(python), "-m", "pip", "install", *args]
     print("   $ " + " ".join(cmd), flush=True)
     return subprocess.run(cmd, capture_output=True, text=True, errors="replace")
 
@@ -281,7 +282,9 @@ def _crash_remark(code: int, tail: Sequence[str]) -> str:
         name = f"signal {-code}"
     # pytest -q prints a progress character per finished test
     done = sum(
-        len(m.group(1)) for m in (re.match(r"^([.sFExX]+)\s*(\[\s*\d+%\])?$", t) for t in tail) if m
+        len(m.group(1))
+        for m in (re.match(r"^(?:\S+\.py ?)?([.sFExX]*)\s*(?:\[\s*\d+%\])?\s*$", t) for t in tail)
+        if m
     )
     fatal = next((t.strip() for t in tail if t.startswith("Fatal Python error")), "")
     return (
