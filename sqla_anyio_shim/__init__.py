@@ -18,19 +18,18 @@ assertion rewriting, warns "Module already imported so cannot be rewritten".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from . import _bridge, _handoff, _patching, _workers
 from ._patching import UnsupportedSQLAlchemyVersion as UnsupportedSQLAlchemyVersion
 
 __all__ = [
-    "install",
-    "uninstall",
-    "is_installed",
-    "stats",
     "Stats",
     "UnsupportedSQLAlchemyVersion",
     "__version__",
+    "install",
+    "is_installed",
+    "stats",
+    "uninstall",
 ]
 
 __version__ = "0.1.0"
@@ -38,12 +37,12 @@ __version__ = "0.1.0"
 
 def install(
     *,
-    max_workers: Optional[int] = None,
+    max_workers: int | None = None,
     idle_timeout: float = 10.0,
-    max_idle_workers: Optional[int] = None,
+    max_idle_workers: int | None = None,
     sync_drivers: bool = False,
-    handoff_timeout: Optional[float] = 0.002,
-    slow_call_warning: Optional[float] = 0.1,
+    handoff_timeout: float | None = 0.002,
+    slow_call_warning: float | None = 0.1,
 ) -> None:
     """Replace SQLAlchemy's greenlet helpers with the thread bridge.
 
@@ -80,8 +79,7 @@ def install(
         not isinstance(handoff_timeout, (int, float)) or handoff_timeout < 0
     ):
         raise ValueError(
-            "handoff_timeout must be a number of seconds >= 0 or None, "
-            f"got {handoff_timeout!r}"
+            f"handoff_timeout must be a number of seconds >= 0 or None, got {handoff_timeout!r}"
         )
     if slow_call_warning is not None and (
         not isinstance(slow_call_warning, (int, float)) or slow_call_warning <= 0

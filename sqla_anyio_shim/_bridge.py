@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import types
-from typing import Any, Awaitable, Callable, Optional, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from . import _host_asyncio, _host_trio, _workers
 from ._handoff import (  # noqa: F401 -- re-exported for _patching and _primitives
@@ -34,6 +35,7 @@ from ._handoff import (  # noqa: F401 -- re-exported for _patching and _primitiv
     reset_longest_hold,
 )
 from ._loop_proxy import _OnLoop
+from ._waiters import _Waiter
 
 _T = TypeVar("_T")
 
@@ -53,6 +55,7 @@ MISSING_GREENLET_MESSAGE = (
     "greenlet_spawn has not been called; can't call await_() "
     "here. Was IO attempted in an unexpected place?"
 )
+
 
 def run_on_loop_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     """Call ``fn`` on the host's event-loop thread when called from a bridge
@@ -155,8 +158,6 @@ async def greenlet_spawn(
 async def _wait_for_worker() -> _workers._Worker:
     """max_workers is reached: wait, without blocking the loop, for a worker
     to come free (either backend)."""
-    from ._primitives import _Waiter
-
     pool = _workers.pool
     while True:
         waiter = _Waiter()
@@ -173,15 +174,13 @@ async def _wait_for_worker() -> _workers._Worker:
             return worker
 
 
-def current_task(loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
+def current_task(loop: asyncio.AbstractEventLoop | None = None) -> Any:
     """``asyncio.current_task()`` that, in a bridge worker, returns the task
     awaiting the bridge -- the task that is current for the sync code under
     greenlet (``async_scoped_session(..., scopefunc=current_task)`` relies
     on it)."""
     call = getattr(_local, "call", None)
-    if call is not None and call.loop is not None and (
-        loop is None or loop is call.loop
-    ):
+    if call is not None and call.loop is not None and (loop is None or loop is call.loop):
         return call.task
     return _current_task(loop)
 

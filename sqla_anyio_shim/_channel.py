@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import select
 import threading
-from typing import List, Union
+from typing import Union
 
 __all__ = ["Channel", "get", "put", "reset_after_fork"]
 
@@ -45,7 +45,7 @@ _HAS_EVENTFD = hasattr(os, "eventfd") and hasattr(select, "poll")
 
 
 class _EventfdChannel:
-    __slots__ = ("_to_host", "_to_worker", "_poll", "_worker_poll", "__weakref__")
+    __slots__ = ("__weakref__", "_poll", "_to_host", "_to_worker", "_worker_poll")
 
     def __init__(self) -> None:
         # the host never blocks in read(): it polls with a timeout, then
@@ -111,7 +111,7 @@ class _EventfdChannel:
 class _LockChannel:
     """The portable fallback: the same interface on two locks."""
 
-    __slots__ = ("_to_host", "_to_worker", "__weakref__")
+    __slots__ = ("__weakref__", "_to_host", "_to_worker")
 
     def __init__(self) -> None:
         self._to_host = threading.Lock()
@@ -140,10 +140,10 @@ class _LockChannel:
         pass
 
 
-Channel = Union[_EventfdChannel, _LockChannel]
+Channel = Union[_EventfdChannel, _LockChannel]  # noqa: UP007 -- a runtime alias on 3.9+ syntax
 
 _lock = threading.Lock()
-_free: List[Channel] = []
+_free: list[Channel] = []
 #: idle channels kept at most (each eventfd channel holds two descriptors)
 MAX_FREE = 256
 

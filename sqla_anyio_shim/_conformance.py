@@ -34,9 +34,9 @@ import threading
 import time
 import venv
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 # the pip requirement for each async driver name in a --db / --dburi
 DRIVER_REQUIREMENTS = {
@@ -57,7 +57,7 @@ GIL_WARNING = "The global interpreter lock"
 GIL_ERROR_FILTER = f"error:{GIL_WARNING}:RuntimeWarning"
 
 
-def driver_requirements(driver: str) -> List[str]:
+def driver_requirements(driver: str) -> list[str]:
     reqs = DRIVER_REQUIREMENTS.get(driver, [])
     if FREE_THREADED:
         # psycopg's binary implementation has no free-threaded wheel; the
@@ -77,10 +77,10 @@ class RunResult:
     internal_skips: int = 0
     exit_code: int = 0
     note: str = ""
-    failures: List[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
     # what happened around the run (greenlet's install, the GIL), printed
     # under the table
-    remarks: List[str] = field(default_factory=list)
+    remarks: list[str] = field(default_factory=list)
     not_run: bool = False
 
 
@@ -143,19 +143,19 @@ def _driver_of(args: argparse.Namespace) -> str:
     return args.db
 
 
-def _pip_install(python: Path, *args: str) -> "subprocess.CompletedProcess[str]":
+def _pip_install(python: Path, *args: str) -> subprocess.CompletedProcess[str]:
     # not -q: the output names the version pip picked ("greenlet-X.tar.gz")
     cmd = [str(python), "-m", "pip", "install", *args]
     print("   $ " + " ".join(cmd), flush=True)
     return subprocess.run(cmd, capture_output=True, text=True, errors="replace")
 
 
-def _greenlet_on_free_threaded(python: Path) -> List[str]:
+def _greenlet_on_free_threaded(python: Path) -> list[str]:
     """Install greenlet in a free-threaded environment as a user would, and
     say what happened: the newest release (built from source when there is
     no wheel); if that fails, the newest wheel for this interpreter.  The
     returned remarks end with what importing it did to the GIL."""
-    remarks: List[str] = []
+    remarks: list[str] = []
     proc = _pip_install(python, "--upgrade", "greenlet")
     if proc.returncode != 0:
         out = proc.stdout + proc.stderr
@@ -198,8 +198,8 @@ def _greenlet_on_free_threaded(python: Path) -> List[str]:
 
 
 def make_env(
-    kind: str, version: str, driver: str, cache: Path, project: Optional[Path]
-) -> Tuple[Path, List[str]]:
+    kind: str, version: str, driver: str, cache: Path, project: Path | None
+) -> tuple[Path, list[str]]:
     """Create (or refresh) the ``shim`` or ``greenlet`` environment; also
     returns remarks on how greenlet installed (free-threaded builds)."""
     py = f"{sys.version_info[0]}.{sys.version_info[1]}{getattr(sys, 'abiflags', '')}"
@@ -212,7 +212,7 @@ def make_env(
     marker = env / ".requirements"
     notes = env / ".greenlet-remarks"
     wanted = "\n".join(requirements)
-    remarks: List[str] = []
+    remarks: list[str] = []
     if not python.exists() or not marker.exists() or marker.read_text() != wanted:
         print(f"-- building the {kind} environment at {env}", flush=True)
         if env.exists():
@@ -248,14 +248,14 @@ def make_env(
     return env, remarks
 
 
-def _project_dir() -> Optional[Path]:
+def _project_dir() -> Path | None:
     here = Path(__file__).resolve().parent.parent
     if (here / "setup.cfg").is_file() and (here / "sqla_anyio_shim").is_dir():
         return here
     return None
 
 
-def test_paths(version: str) -> List[str]:
+def test_paths(version: str) -> list[str]:
     line = tuple(int(p) for p in version.split(".")[:2])
     concurrency = (
         "test/base/test_concurrency_py3k.py"
@@ -265,7 +265,7 @@ def test_paths(version: str) -> List[str]:
     return ["test/ext/asyncio", concurrency]
 
 
-def _tee(proc: "subprocess.Popen[str]", tail: Deque[str]) -> None:
+def _tee(proc: subprocess.Popen[str], tail: collections.deque[str]) -> None:
     """Echo the run's output as it comes and keep its last lines (what a
     crash leaves behind: CPython's fatal error, faulthandler's stack)."""
     assert proc.stdout is not None
@@ -298,7 +298,7 @@ def run_suite(
     env: Path,
     tree: Path,
     version: str,
-    db_args: List[str],
+    db_args: list[str],
     shim: bool,
     timeout: float,
     extra: Sequence[str],
@@ -328,7 +328,7 @@ def run_suite(
     print(f"-- {label}: running SQLAlchemy {version}'s suite", flush=True)
     print("   $ (cd " + str(tree) + " && " + " ".join(cmd) + ")", flush=True)
     start = time.monotonic()
-    tail: Deque[str] = collections.deque(maxlen=300)
+    tail: collections.deque[str] = collections.deque(maxlen=300)
     proc = subprocess.Popen(
         cmd, cwd=tree, env=environ, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, errors="replace",
@@ -379,7 +379,7 @@ def run_suite(
     return result
 
 
-def verdict(shim: RunResult, greenlet: RunResult) -> List[str]:
+def verdict(shim: RunResult, greenlet: RunResult) -> list[str]:
     problems = []
     if shim.failed or shim.errors:
         problems.append(f"{shim.failed} failed and {shim.errors} errors on the shim")
@@ -393,7 +393,7 @@ def verdict(shim: RunResult, greenlet: RunResult) -> List[str]:
     return problems
 
 
-def print_table(rows: List[RunResult]) -> None:
+def print_table(rows: list[RunResult]) -> None:
     header = f"{'run':<28}{'passed':>8}{'failed':>8}{'errors':>8}{'skipped':>9}{'time':>9}"
     print(header)
     print("-" * len(header))
@@ -407,7 +407,7 @@ def print_table(rows: List[RunResult]) -> None:
         )
 
 
-def server_unreachable(dburi: str) -> Optional[str]:
+def server_unreachable(dburi: str) -> str | None:
     """None if the server named in ``dburi`` accepts TCP connections, else
     why not."""
     import socket
@@ -425,7 +425,7 @@ def server_unreachable(dburi: str) -> Optional[str]:
         return f"{parts.hostname}:{port} is not reachable ({err})"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sqla_anyio_shim conformance",
         description="Run SQLAlchemy's own asyncio test suite on the shim "
@@ -459,13 +459,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     tree = fetch_sdist(version, cache)
     shim_env, _ = make_env("shim", version, driver, cache, _project_dir())
-    rows: List[RunResult] = []
+    rows: list[RunResult] = []
     for i in range(args.repeat):
         label = "shim (no greenlet)" + (f" #{i + 1}" if args.repeat > 1 else "")
         rows.append(
             run_suite(label, shim_env, tree, version, db_args, True, args.timeout, args.pytest_args)
         )
-    greenlet_row: Optional[RunResult] = None
+    greenlet_row: RunResult | None = None
     if not args.shim_only:
         gl_env, remarks = make_env("greenlet", version, driver, cache, None)
         installed = next(

@@ -29,7 +29,8 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 from . import _channel, _workers
 from ._loop_proxy import _LoopProxy, _OnLoop
@@ -43,7 +44,7 @@ _CancelledError = asyncio.CancelledError
 
 #: set by the pytest plugin's ``await_points`` replacement: called with each
 #: awaitable the host is about to await, returns the awaitable to await
-await_hook: Optional[Callable[[Any], Any]] = None
+await_hook: Callable[[Any], Any] | None = None
 
 #: How long the host blocks its thread waiting for the worker's next message
 #: before it lets the event loop run.  Within this time the hand-off is a
@@ -67,7 +68,7 @@ _ADAPTIVE = not getattr(sys, "_is_gil_enabled", lambda: True)()
 #: without the loop running in between), is reported at WARNING on the
 #: ``sqla_anyio_shim`` logger, as asyncio's debug mode reports slow
 #: callbacks.  Set by install(slow_call_warning=...); None: never.
-slow_hold_threshold: Optional[float] = 0.1
+slow_hold_threshold: float | None = 0.1
 
 _log = logging.getLogger("sqla_anyio_shim")
 
@@ -118,7 +119,7 @@ def _exc() -> Any:
 
 
 def _apply_context(
-    source: contextvars.Context, tokens: Dict[contextvars.ContextVar[Any], Any]
+    source: contextvars.Context, tokens: dict[contextvars.ContextVar[Any], Any]
 ) -> None:
     """Make the current context agree with ``source``: set every variable
     whose value in ``source`` differs, and remove the variables that
@@ -156,36 +157,36 @@ class _Call:
     ``_AsyncIoGreenlet``."""
 
     __slots__ = (
-        "fn",
         "args",
-        "kwargs",
-        "context",
-        "worker",
-        "outbox",
-        "inbox",
-        "channel",
-        "finished",
-        "owners",
-        "host_gone",
         "async_waiting",
-        "waiter",
-        "mailbox",
-        "result",
-        "error",
-        "loop",
-        "task",
-        "sync_io",
         "cancel_count",
-        "host_tokens",
-        "worker_tokens",
-        "thread_id",
-        "interrupt",
-        "loop_thread",
-        "hold",
+        "channel",
+        "context",
+        "error",
+        "finished",
+        "fn",
         "fn_name",
-        "state",
-        "user_running",
+        "hold",
+        "host_gone",
+        "host_tokens",
+        "inbox",
         "injected",
+        "interrupt",
+        "kwargs",
+        "loop",
+        "loop_thread",
+        "mailbox",
+        "outbox",
+        "owners",
+        "result",
+        "state",
+        "sync_io",
+        "task",
+        "thread_id",
+        "user_running",
+        "waiter",
+        "worker",
+        "worker_tokens",
     )
 
     def __init__(
@@ -193,15 +194,15 @@ class _Call:
         fn: Callable[..., Any],
         args: Any,
         kwargs: Any,
-        mailbox: "_Mailbox",
-        loop: Optional[asyncio.AbstractEventLoop],
+        mailbox: _Mailbox,
+        loop: asyncio.AbstractEventLoop | None,
     ) -> None:
         self.loop = loop
         self.task: Any = None
         self.sync_io = False
         self.cancel_count = 0
-        self.host_tokens: Dict[contextvars.ContextVar[Any], Any] = {}
-        self.worker_tokens: Dict[contextvars.ContextVar[Any], Any] = {}
+        self.host_tokens: dict[contextvars.ContextVar[Any], Any] = {}
+        self.worker_tokens: dict[contextvars.ContextVar[Any], Any] = {}
         self.thread_id = 0
         # created by the host, on the loop thread
         self.loop_thread = threading.get_ident()
@@ -213,7 +214,7 @@ class _Call:
         self.user_running = False
         self.injected = False
         # KeyboardInterrupt / SystemExit that hit the host while it waited
-        self.interrupt: Optional[BaseException] = None
+        self.interrupt: BaseException | None = None
         self.worker: Any = None
         self.fn = fn
         self.args = args
@@ -237,7 +238,7 @@ class _Call:
         self.waiter: Any = None
         self.mailbox = mailbox
         self.result: Any = None
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
 
     # -- worker side -------------------------------------------------------
 
@@ -340,7 +341,7 @@ class _Call:
 
     # -- host side ---------------------------------------------------------
 
-    def send(self, value: Any, error: Optional[BaseException]) -> None:
+    def send(self, value: Any, error: BaseException | None) -> None:
         snapshot = _copy_context()
         self.inbox = (
             value,
@@ -384,11 +385,11 @@ class _Mailbox:
     on this loop (loop thread only), which decides whether a host may block
     the loop waiting for its worker (see _drive_asyncio)."""
 
-    __slots__ = ("_lock", "_calls", "_scheduled", "_schedule", "active", "__weakref__")
+    __slots__ = ("__weakref__", "_calls", "_lock", "_schedule", "_scheduled", "active")
 
     def __init__(self, schedule: Callable[[Callable[[], None]], Any]) -> None:
         self._lock = threading.Lock()
-        self._calls: List[_Call] = []
+        self._calls: list[_Call] = []
         self._scheduled = False
         self._schedule = schedule
         self.active = 0
@@ -409,7 +410,7 @@ class _Mailbox:
                 self._calls.clear()
                 self._scheduled = False
 
-    def host_alive(self, loop: Optional[asyncio.AbstractEventLoop]) -> bool:
+    def host_alive(self, loop: asyncio.AbstractEventLoop | None) -> bool:
         """Whether the host's event loop (or trio run) can still run the
         host task.  Asked by a worker that has waited long for a reply."""
         if loop is not None:
@@ -459,7 +460,7 @@ def _count_call(delta: int) -> None:
         _in_flight += delta
 
 
-def call_stats() -> Dict[str, float]:
+def call_stats() -> dict[str, float]:
     """The bridge's side of sqla_anyio_shim.stats()."""
     with _stats_lock:
         return {"calls_in_flight": _in_flight, "longest_loop_hold": _longest_hold}
@@ -626,7 +627,6 @@ def _reraise(error: BaseException) -> Any:
         del error, context
 
 
-
-def _current_call() -> Optional[_Call]:
+def _current_call() -> _Call | None:
     """The call the current thread runs as a worker, if any."""
     return getattr(_local, "call", None)

@@ -5,7 +5,7 @@ would (see docs/principle.md, "Cancellation")."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Optional
+from typing import Any
 
 from . import _handoff
 from ._handoff import (
@@ -43,7 +43,7 @@ async def _host_loop_asyncio(
     mailbox: _Mailbox,
 ) -> Any:
     switched = False
-    cancelled: Optional[BaseException] = None
+    cancelled: BaseException | None = None
     while True:
         if _handoff.handoff_timeout < 0:
             timeout = -1.0
@@ -126,7 +126,7 @@ async def _host_loop_asyncio(
     return _finish(call, switched, require_await)
 
 
-def _interrupted_by(err: BaseException) -> Optional[BaseException]:
+def _interrupted_by(err: BaseException) -> BaseException | None:
     """The KeyboardInterrupt / SystemExit being handled when the
     cancellation ``err`` was thrown into the task, if any (an event-loop
     runner cancelling its tasks on Ctrl-C)."""
@@ -145,22 +145,22 @@ def _is_anyio_cancellation(err: BaseException) -> bool:
     messages start so; anyio's own ``is_anyio_cancellation`` checks the same,
     including the ``__context__`` chain)."""
     while isinstance(err, _CancelledError):
-        if err.args and isinstance(err.args[0], str) and err.args[0].startswith(
-            "Cancelled via cancel scope "
+        if (
+            err.args
+            and isinstance(err.args[0], str)
+            and err.args[0].startswith("Cancelled via cancel scope ")
         ):
             return True
         err = err.__context__  # type: ignore[assignment]
     return False
 
 
-async def _wait_shielded(
-    call: _Call, loop: asyncio.AbstractEventLoop
-) -> Optional[BaseException]:
+async def _wait_shielded(call: _Call, loop: asyncio.AbstractEventLoop) -> BaseException | None:
     """Wait for the worker's next message inside a shielded anyio scope.
     Returns a native asyncio cancellation that arrived meanwhile, if any."""
     import anyio
 
-    native: Optional[BaseException] = None
+    native: BaseException | None = None
     with anyio.CancelScope(shield=True):
         while not call.channel.take_message():
             waiter = call.waiter = loop.create_future()

@@ -6,7 +6,8 @@ checkpoint by itself (the next awaitable, or the caller's next checkpoint)."""
 from __future__ import annotations
 
 import sys
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from . import _handoff, _workers
 from ._handoff import (
@@ -22,6 +23,7 @@ from ._handoff import (
     _safe_close,
     _serve,
 )
+
 
 def _abort_failed(raise_cancel: Any) -> Any:
     import trio

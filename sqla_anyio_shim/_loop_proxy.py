@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class _OnLoop:
@@ -23,7 +24,7 @@ class _OnLoop:
     the thread analogue of sync code calling a loop API on greenlet's loop
     thread.  It never suspends, so it is not a cancellation point."""
 
-    __slots__ = ("fn", "args", "kwargs")
+    __slots__ = ("args", "fn", "kwargs")
 
     def __init__(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
         self.fn = fn
@@ -63,7 +64,7 @@ class _LoopProxy:
     method raises a RuntimeError naming the limitation, instead of
     corrupting the loop."""
 
-    __slots__ = ("_loop", "_loop_thread", "_current_call")
+    __slots__ = ("_current_call", "_loop", "_loop_thread")
 
     def __init__(
         self,

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.abc
-import inspect
 import importlib.machinery
+import inspect
 import sys
 import threading
 import types
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from . import _bridge, _primitives, _sync_drivers
 
@@ -51,7 +51,7 @@ class UnsupportedSQLAlchemyVersion(RuntimeError):
     patch."""
 
 
-def sqlalchemy_line() -> Tuple[int, int]:
+def sqlalchemy_line() -> tuple[int, int]:
     import sqlalchemy
 
     version = sqlalchemy.__version__
@@ -96,7 +96,7 @@ class _Runner:
     def __init__(self) -> None:
         self._loop: Any = None
 
-    def __enter__(self) -> "_Runner":
+    def __enter__(self) -> _Runner:
         self.get_loop()
         return self
 
@@ -149,7 +149,7 @@ def _trampoline(target: str, is_async: bool) -> types.CodeType:
             "    bridge = sys.modules['sqla_anyio_shim._bridge']\n"
             f"    return bridge.{target}(*args, **kwargs)\n"
         )
-    namespace: Dict[str, Any] = {}
+    namespace: dict[str, Any] = {}
     exec(compile(source, f"<sqla-anyio-shim: {target}>", "exec"), namespace)
     return namespace["trampoline"].__code__  # type: ignore[no-any-return]
 
@@ -168,17 +168,17 @@ class _Installation:
     """The record of one install(): every attribute changed, to undo."""
 
     def __init__(self) -> None:
-        self.line: Tuple[int, int] = (0, 0)
+        self.line: tuple[int, int] = (0, 0)
         # id(original) -> (original, replacement)
-        self.replacements: Dict[int, Tuple[Any, Any]] = {}
+        self.replacements: dict[int, tuple[Any, Any]] = {}
         # id(replacement) -> original, for modules imported while installed
-        self.originals: Dict[int, Any] = {}
-        self.undo: List[Tuple[Any, str, Any]] = []
-        self.added_modules: List[str] = []
+        self.originals: dict[int, Any] = {}
+        self.undo: list[tuple[Any, str, Any]] = []
+        self.added_modules: list[str] = []
         self.sync_drivers = False
-        self.finder: Optional[_Finder] = None
+        self.finder: _Finder | None = None
         # (function, its original __code__): see swap_code()
-        self.codes: List[Tuple[Any, Any]] = []
+        self.codes: list[tuple[Any, Any]] = []
 
     def set_sync_drivers(self, flag: bool) -> None:
         self.sync_drivers = flag
@@ -188,9 +188,11 @@ class _Installation:
         _bridge.checkpoint_calls = flag
 
     def set(self, target: Any, name: str, value: Any) -> None:
-        old = target.__dict__.get(name, _MISSING) if isinstance(
-            target, type
-        ) else getattr(target, name, _MISSING)
+        old = (
+            target.__dict__.get(name, _MISSING)
+            if isinstance(target, type)
+            else getattr(target, name, _MISSING)
+        )
         self.undo.append((target, name, old))
         setattr(target, name, value)
 
@@ -235,15 +237,9 @@ class _Installation:
                 # bound to our replacement at import time: remember what
                 # uninstall() must put back
                 self.undo.append((module, attr, originals[id(value)]))
-            if (
-                isinstance(value, type)
-                and value.__module__ == name
-                and attr == value.__name__
-            ):
+            if isinstance(value, type) and value.__module__ == name and attr == value.__name__:
                 self.patch_class(value, late)
-        if name in _ASYNCIO_PROXY_MODULES and vars(module).get(
-            "asyncio"
-        ) is asyncio:
+        if name in _ASYNCIO_PROXY_MODULES and vars(module).get("asyncio") is asyncio:
             self.set(module, "asyncio", _primitives.asyncio_proxy)
         if name == "sqlalchemy.ext.asyncio.base":
             original = vars(module).get("_run_to_completion")
@@ -255,21 +251,15 @@ class _Installation:
     def patch_class(self, cls: type, late: bool) -> None:
         replacements = self.replacements
         method = cls.__dict__.get("get_async_dialect_cls")
-        if isinstance(method, classmethod) and not hasattr(
-            method.__func__, "__wrapped__"
-        ):
+        if isinstance(method, classmethod) and not hasattr(method.__func__, "__wrapped__"):
             # sync drivers behind create_async_engine() (off unless enabled)
             self.set(
                 cls,
                 "get_async_dialect_cls",
-                classmethod(
-                    _sync_drivers.wrap_get_async_dialect_cls(method.__func__)
-                ),
+                classmethod(_sync_drivers.wrap_get_async_dialect_cls(method.__func__)),
             )
         force_close = cls.__dict__.get("_terminate_force_close")
-        if isinstance(force_close, types.FunctionType) and not hasattr(
-            force_close, "__wrapped__"
-        ):
+        if isinstance(force_close, types.FunctionType) and not hasattr(force_close, "__wrapped__"):
             # an async driver's sync "terminate now" (asyncpg's
             # terminate(), aiomysql's close(), aiosqlite's stop()) touches
             # the driver's transport and loop, which only the loop thread
@@ -284,15 +274,11 @@ class _Installation:
                 if hit is not None and hit[0] is func:
                     self.set(cls, attr, staticmethod(hit[1]))
                 elif late and id(func) in self.originals:
-                    self.undo.append(
-                        (cls, attr, staticmethod(self.originals[id(func)]))
-                    )
+                    self.undo.append((cls, attr, staticmethod(self.originals[id(func)])))
 
     def patch_loaded(self) -> None:
         for name, module in list(sys.modules.items()):
-            if module is None or not (
-                name == "sqlalchemy" or name.startswith("sqlalchemy.")
-            ):
+            if module is None or not (name == "sqlalchemy" or name.startswith("sqlalchemy.")):
                 continue
             self.patch_module(module, late=False)
 
@@ -339,9 +325,7 @@ class _Finder(importlib.abc.MetaPathFinder):
         self._local = threading.local()
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if not fullname.startswith("sqlalchemy.") or getattr(
-            self._local, "busy", False
-        ):
+        if not fullname.startswith("sqlalchemy.") or getattr(self._local, "busy", False):
             return None
         self._local.busy = True
         try:
@@ -362,7 +346,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 _lock = threading.RLock()
-_installation: Optional[_Installation] = None
+_installation: _Installation | None = None
 
 
 def is_installed() -> bool:

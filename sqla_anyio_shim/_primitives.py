@@ -31,142 +31,21 @@ import sys
 import threading
 import types
 from collections import deque
-from typing import Any, Callable, Deque, Optional
+from collections.abc import Callable
+from typing import Any
 
 from . import _bridge
+from ._waiters import (  # noqa: F401 -- re-exported for the tests
+    _abandon,
+    _deadline,
+    _set_result_unless_done,
+    _wait,
+    _Waiter,
+    _wake_one,
+)
 
 _get_running_loop = asyncio._get_running_loop
 _TIMEOUT = object()
-
-
-def _set_result_unless_done(fut: "asyncio.Future[None]") -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-class _Waiter:
-    """A one-shot wake-up created on the loop, settable from any thread."""
-
-    __slots__ = ("_event", "_fut", "_loop", "_token", "notified")
-
-    def __init__(self) -> None:
-        self.notified = False
-        self._loop: asyncio.AbstractEventLoop | None = _get_running_loop()
-        self._fut: asyncio.Future[None] | None = None
-        self._token: Any = None  # trio's, when the waiter is on trio
-        self._event: Any = None
-        if self._loop is not None:
-            self._fut = self._loop.create_future()
-        else:
-            import trio
-
-            self._token = trio.lowlevel.current_trio_token()
-            self._event = trio.Event()
-
-    @property
-    def loop_identity(self) -> Any:
-        return self._loop if self._loop is not None else self._token
-
-    def wake(self) -> bool:
-        """Wake the waiter; callable from any thread (the primitive's mutex
-        is held by the caller).
-
-        Returns False, having woken nothing, when the waiter's event loop is
-        closed (asyncio) or its run has finished (trio): the task that waits
-        there can never run again, so the caller must wake the next waiter
-        instead, or the wake-up is lost and waiters on live loops hang."""
-        # set before posting: the woken task may run (and read it) before
-        # this thread returns from the post
-        self.notified = True
-        loop, fut = self._loop, self._fut
-        try:
-            if loop is not None and fut is not None:
-                if loop.is_closed():
-                    self.notified = False
-                    return False
-                # direct only from inside the waiter's own running loop: the
-                # loop's thread may run a later, different loop by now
-                if _get_running_loop() is loop:
-                    _set_result_unless_done(fut)
-                else:
-                    loop.call_soon_threadsafe(_set_result_unless_done, fut)
-            elif _in_trio_run(self._token):
-                self._event.set()
-            else:
-                self._token.run_sync_soon(self._event.set)
-        except RuntimeError as err:
-            # the loop was closed after the check above ("Event loop is
-            # closed"), or trio's run has finished (trio.RunFinishedError is
-            # a RuntimeError); any other RuntimeError is a real error
-            gone = loop.is_closed() if loop is not None else _is_run_finished(err)
-            if not gone:
-                raise
-            self.notified = False
-            return False
-        return True
-
-    async def wait(self) -> None:
-        if self._fut is not None:
-            await self._fut
-        else:
-            await self._event.wait()
-
-
-def _in_trio_run(token: Any) -> bool:
-    """Whether the caller runs inside the trio run that ``token`` belongs to."""
-    import trio
-
-    try:
-        return trio.lowlevel.current_trio_token() is token
-    except RuntimeError:  # not in a trio run at all
-        return False
-
-
-def _is_run_finished(err: BaseException) -> bool:
-    trio = sys.modules.get("trio")
-    return trio is not None and isinstance(err, trio.RunFinishedError)
-
-
-def _wake_one(waiters: Deque[_Waiter]) -> None:
-    """Wake the first waiter whose event loop can still run it; waiters of
-    closed loops are dropped on the way."""
-    while waiters:
-        if waiters.popleft().wake():
-            return
-
-
-def _abandon(waiters: Deque[_Waiter], waiter: _Waiter, can_pass: bool) -> None:
-    """A waiter is leaving (cancelled, timed out): if it had been woken,
-    pass the wake-up on so that it is not lost."""
-    if waiter.notified:
-        if can_pass:
-            _wake_one(waiters)
-    else:
-        try:
-            waiters.remove(waiter)
-        except ValueError:
-            pass
-
-
-async def _wait(waiter: _Waiter, deadline: Optional[float]) -> bool:
-    """Wait for ``waiter``; False if ``deadline`` passed first."""
-    if deadline is None:
-        await waiter.wait()
-        return True
-    import anyio
-
-    with anyio.move_on_at(deadline):
-        await waiter.wait()
-        return True
-    return waiter.notified
-
-
-def _deadline(timeout: Optional[float]) -> Optional[float]:
-    if timeout is None:
-        return None
-    import anyio
-
-    return anyio.current_time() + max(timeout, 0.0)
 
 
 def _missing_greenlet() -> BaseException:
@@ -179,7 +58,7 @@ def _missing_greenlet() -> BaseException:
 
 
 class _QueueState:
-    __slots__ = ("mutex", "items", "maxsize", "lifo", "getters", "putters", "bound")
+    __slots__ = ("bound", "getters", "items", "lifo", "maxsize", "mutex", "putters")
 
     def __init__(self, maxsize: int, lifo: bool) -> None:
         # Reentrant for the garbage collector's sake.  A task of a closed
@@ -193,11 +72,11 @@ class _QueueState:
         # section it interrupts, and _wake_one re-checks its deque after
         # every wake-up.
         self.mutex = threading.RLock()
-        self.items: Deque[Any] = deque()
+        self.items: deque[Any] = deque()
         self.maxsize = maxsize
         self.lifo = lifo
-        self.getters: Deque[_Waiter] = deque()
-        self.putters: Deque[_Waiter] = deque()
+        self.getters: deque[_Waiter] = deque()
+        self.putters: deque[_Waiter] = deque()
         self.bound: Any = None
 
     def full(self) -> bool:
@@ -233,7 +112,7 @@ def _queue_state(queue: Any) -> _QueueState:
     return state  # type: ignore[no-any-return]
 
 
-async def _queue_get(queue: Any, state: _QueueState, timeout: Optional[float]) -> Any:
+async def _queue_get(queue: Any, state: _QueueState, timeout: float | None) -> Any:
     deadline = _deadline(timeout)
     while True:
         with state.mutex:
@@ -255,9 +134,7 @@ async def _queue_get(queue: Any, state: _QueueState, timeout: Optional[float]) -
             return _TIMEOUT
 
 
-async def _queue_put(
-    queue: Any, state: _QueueState, item: Any, timeout: Optional[float]
-) -> Any:
+async def _queue_put(queue: Any, state: _QueueState, item: Any, timeout: float | None) -> Any:
     deadline = _deadline(timeout)
     while True:
         with state.mutex:
@@ -308,7 +185,7 @@ class QueueMethods:
                 raise Full()
             state.add(item)
 
-    def put(self: Any, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+    def put(self: Any, item: Any, block: bool = True, timeout: float | None = None) -> None:
         from sqlalchemy.util.queue import Full
 
         if not block:
@@ -327,7 +204,7 @@ class QueueMethods:
                 raise Empty()
             return state.take()
 
-    def get(self: Any, block: bool = True, timeout: Optional[float] = None) -> Any:
+    def get(self: Any, block: bool = True, timeout: float | None = None) -> Any:
         from sqlalchemy.util.queue import Empty
 
         state = _queue_state(self)
@@ -347,13 +224,13 @@ class QueueMethods:
 
 
 class _LockState:
-    __slots__ = ("mutex", "locked", "waiters")
+    __slots__ = ("locked", "mutex", "waiters")
 
     def __init__(self) -> None:
         # reentrant, for the reason given in _QueueState
         self.mutex = threading.RLock()
         self.locked = False
-        self.waiters: Deque[_Waiter] = deque()
+        self.waiters: deque[_Waiter] = deque()
 
 
 def _lock_state(lock: Any) -> _LockState:
@@ -419,7 +296,7 @@ def make_run_to_completion(original: Callable[[Any], Any]) -> Callable[[Any], An
     return _run_to_completion
 
 
-def _trio_cancelled() -> Optional[type]:
+def _trio_cancelled() -> type | None:
     trio = sys.modules.get("trio")
     return trio.Cancelled if trio is not None else None
 

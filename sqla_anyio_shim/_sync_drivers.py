@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, Dict, Type
+from typing import Any
 
 from . import _bridge
 
 enabled = False
 
 _lock = threading.Lock()
-_subclasses: Dict[type, type] = {}
+_subclasses: dict[type, type] = {}
 
 _MARK = "_sqla_anyio_shim_sync_driver"
 
@@ -67,7 +67,7 @@ class _BufferedCursor:
 
     def __init__(self, cursor: Any) -> None:
         self._cursor = cursor
-        self._rows: "deque[Any]" = deque()
+        self._rows: deque[Any] = deque()
 
     def __getattr__(self, name: str) -> Any:
         # description, rowcount, lastrowid, arraysize, setinputsizes, ...
@@ -113,7 +113,7 @@ class _BufferedCursor:
         return None
 
 
-def _execution_context(cls: Type[Any]) -> Type[Any]:
+def _execution_context(cls: type[Any]) -> type[Any]:
     base = cls.execution_ctx_cls
     sqlite = cls.name == "sqlite"
 
@@ -139,7 +139,7 @@ def _execution_context(cls: Type[Any]) -> Type[Any]:
     )
 
 
-def sync_driver_dialect(cls: Type[Any]) -> Type[Any]:
+def sync_driver_dialect(cls: type[Any]) -> type[Any]:
     """The sync-driver variant of the sync dialect class ``cls``."""
     with _lock:
         sub = _subclasses.get(cls)
@@ -176,15 +176,21 @@ def sync_driver_dialect(cls: Type[Any]) -> Type[Any]:
                 cparams["check_same_thread"] = False
             return cargs, cparams
 
-        def do_execute(self: Any, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
+        def do_execute(
+            self: Any, cursor: Any, statement: Any, parameters: Any, context: Any = None
+        ) -> None:
             _bridge.note_sync_io()
             cls.do_execute(self, cursor, statement, parameters, context)
 
-        def do_execute_no_params(self: Any, cursor: Any, statement: Any, context: Any = None) -> None:
+        def do_execute_no_params(
+            self: Any, cursor: Any, statement: Any, context: Any = None
+        ) -> None:
             _bridge.note_sync_io()
             cls.do_execute_no_params(self, cursor, statement, context)
 
-        def do_executemany(self: Any, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
+        def do_executemany(
+            self: Any, cursor: Any, statement: Any, parameters: Any, context: Any = None
+        ) -> None:
             _bridge.note_sync_io()
             cls.do_executemany(self, cursor, statement, parameters, context)
 
@@ -245,11 +251,7 @@ def wrap_connect(original: Any) -> Any:
 
 def check_backend(dialect: Any) -> None:
     """An asyncio-only driver under trio: fail at once, clearly."""
-    if (
-        dialect.is_async
-        and not is_sync_driver_dialect(dialect)
-        and _bridge.host_is_trio()
-    ):
+    if dialect.is_async and not is_sync_driver_dialect(dialect) and _bridge.host_is_trio():
         raise _bridge._exc().InvalidRequestError(
             f"The {dialect.driver!r} driver needs an asyncio event loop and "
             "cannot run under trio. Under trio, use a sync DBAPI driver "

@@ -12,7 +12,8 @@ exits non-zero on the first failure.
 import os
 import sys
 import tempfile
-from typing import Any, Callable, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 
@@ -26,7 +27,6 @@ async def walk(url: str, say: Callable[[str], None]) -> None:
     from sqlalchemy import ForeignKey, String, func, inspect, select, text, update
     from sqlalchemy.ext.asyncio import (
         AsyncAttrs,
-        AsyncSession,
         async_sessionmaker,
         create_async_engine,
     )
@@ -45,7 +45,7 @@ async def walk(url: str, say: Callable[[str], None]) -> None:
         __tablename__ = "users"
         id: Mapped[int] = mapped_column(primary_key=True)
         name: Mapped[str] = mapped_column(String(50))
-        addresses: Mapped[List["Address"]] = relationship(
+        addresses: Mapped[list["Address"]] = relationship(
             back_populates="user", cascade="all, delete-orphan"
         )
 
@@ -60,9 +60,7 @@ async def walk(url: str, say: Callable[[str], None]) -> None:
     try:
         async with engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
-            tables = await conn.run_sync(
-                lambda sync_conn: inspect(sync_conn).get_table_names()
-            )
+            tables = await conn.run_sync(lambda sync_conn: inspect(sync_conn).get_table_names())
         _check(sorted(tables) == ["addresses", "users"], f"tables {tables}")
         say(f"created tables {', '.join(sorted(tables))} (run_sync + inspector)")
 
@@ -72,36 +70,26 @@ async def walk(url: str, say: Callable[[str], None]) -> None:
                 User.__table__.insert(),
                 [{"id": i, "name": f"user{i}"} for i in range(1, 6)],
             )
-            count = (
-                await conn.execute(select(func.count()).select_from(User))
-            ).scalar_one()
+            count = (await conn.execute(select(func.count()).select_from(User))).scalar_one()
         _check(count == 5, f"count {count}")
         say(f"Core: inserted {count} users in one executemany")
 
         async with engine.connect() as conn:
-            result = await conn.execute(
-                text("SELECT name FROM users WHERE id = :id"), {"id": 3}
-            )
+            result = await conn.execute(text("SELECT name FROM users WHERE id = :id"), {"id": 3})
             name = result.scalar_one()
             _check(name == "user3", f"name {name}")
             await conn.execute(
-                update(User.__table__)
-                .where(User.__table__.c.id == 3)
-                .values(name="renamed")
+                update(User.__table__).where(User.__table__.c.id == 3).values(name="renamed")
             )
             await conn.rollback()
-            name = (
-                await conn.execute(select(User.name).where(User.id == 3))
-            ).scalar_one()
+            name = (await conn.execute(select(User.name).where(User.id == 3))).scalar_one()
         _check(name == "user3", "rollback kept the old name")
         say("Core: select by key, update then rollback: the update is gone")
 
         # -- ORM --
         Session = async_sessionmaker(engine, expire_on_commit=False)
         async with Session() as session:
-            user = await session.get(
-                User, 1, options=[selectinload(User.addresses)]
-            )
+            user = await session.get(User, 1, options=[selectinload(User.addresses)])
             _check(user is not None, "get(User, 1)")
             assert user is not None
             user.addresses.append(Address(email="u1@example.com"))
@@ -126,7 +114,7 @@ async def walk(url: str, say: Callable[[str], None]) -> None:
         async with Session() as session:
             seen = 0
             stream = await session.stream_scalars(select(User).order_by(User.id))
-            async for user in stream:
+            async for _user in stream:
                 seen += 1
             _check(seen == 6, f"streamed {seen}")
         say(f"ORM: AsyncSession.stream_scalars() yielded {seen} users")
@@ -169,7 +157,7 @@ async def walk(url: str, say: Callable[[str], None]) -> None:
         await engine.dispose()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     import sqla_anyio_shim
 
     before = "greenlet" in sys.modules
@@ -193,10 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         anyio.run(walk, url, say, backend=backend)
     from . import _workers
 
-    print(
-        f"== done: worker threads alive {_workers.pool.total} "
-        f"(idle {_workers.pool.idle})"
-    )
+    print(f"== done: worker threads alive {_workers.pool.total} (idle {_workers.pool.idle})")
     if before or "greenlet" in sys.modules:
         print("greenlet WAS imported in this process")
         return 1

@@ -32,8 +32,9 @@ import contextlib
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator, Sequence
 from importlib.machinery import ExtensionFileLoader, ModuleSpec, PathFinder
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any
 
 import pytest
 
@@ -59,7 +60,7 @@ class _WatchedExtensionLoader(ExtensionFileLoader):
     the GIL on: CPython enables it permanently while creating a module that
     does not declare ``Py_mod_gil`` (and then warns, naming it)."""
 
-    guard: "GilGuard"
+    guard: GilGuard
 
     def create_module(self, spec: ModuleSpec) -> Any:
         before = sys._is_gil_enabled()  # type: ignore[attr-defined]
@@ -87,14 +88,14 @@ class GilGuard:
     """
 
     def __init__(self) -> None:
-        self.culprits: List[str] = []
+        self.culprits: list[str] = []
         self.enabled_at_start = False
         self.started = False
 
     # the MetaPathFinder protocol
     def find_spec(
-        self, fullname: str, path: Optional[Sequence[str]], target: Any = None
-    ) -> Optional[ModuleSpec]:
+        self, fullname: str, path: Sequence[str] | None, target: Any = None
+    ) -> ModuleSpec | None:
         spec = PathFinder.find_spec(fullname, path, target)
         if spec is None or type(spec.loader) is not ExtensionFileLoader:
             return None  # the usual finders handle it, as if we were not here
@@ -117,7 +118,7 @@ class GilGuard:
         )
         sys.meta_path.insert(at, self)  # type: ignore[arg-type]
 
-    def problem(self) -> Optional[str]:
+    def problem(self) -> str | None:
         if not self.started:
             return None
         if self.culprits:
@@ -171,7 +172,7 @@ class GilGuard:
 gil_guard = GilGuard()
 
 
-def _sqlalchemy_source_lib(rootdir: str) -> "str | None":
+def _sqlalchemy_source_lib(rootdir: str) -> str | None:
     lib = os.path.join(rootdir, "lib")
     if os.path.isfile(os.path.join(lib, "sqlalchemy", "__init__.py")) and (
         os.path.isfile(os.path.join(rootdir, "test", "conftest.py"))
