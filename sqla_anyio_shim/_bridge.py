@@ -17,22 +17,22 @@ from __future__ import annotations
 import asyncio
 import types
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from . import _host_asyncio, _host_trio, _workers
-from ._handoff import (  # noqa: F401 -- re-exported for _patching and _primitives
-    AWAIT_REQUIRED_MESSAGE,
-    HOST_GONE_MESSAGE,
-    HostGone,
-    _Call,
-    _count_call,
-    _end_stretch,
-    _exc,
-    _local,
-    _mailbox_for,
-    _safe_close,
-    call_stats,
-    reset_longest_hold,
+from ._handoff import (  # re-exported for _patching, _primitives and stats()
+    AWAIT_REQUIRED_MESSAGE as AWAIT_REQUIRED_MESSAGE,
+    HOST_GONE_MESSAGE as HOST_GONE_MESSAGE,
+    HostGone as HostGone,
+    _Call as _Call,
+    _count_call as _count_call,
+    _end_stretch as _end_stretch,
+    _exc as _exc,
+    _local as _local,
+    _mailbox_for as _mailbox_for,
+    _safe_close as _safe_close,
+    call_stats as call_stats,
+    reset_longest_hold as reset_longest_hold,
 )
 from ._loop_proxy import _OnLoop
 from ._waiters import _Waiter
@@ -112,8 +112,8 @@ def await_fallback(awaitable: Awaitable[_T]) -> _T:
                 "loop is already running; can't call await_fallback() here. "
                 "Was IO attempted in an unexpected place?"
             )
-        return loop.run_until_complete(awaitable)  # type: ignore[arg-type]
-    return call.switch(awaitable)  # type: ignore[no-any-return]
+        return loop.run_until_complete(awaitable)
+    return cast(_T, call.switch(awaitable))
 
 
 @types.coroutine
@@ -146,13 +146,13 @@ async def greenlet_spawn(
         _count_call(1)
         try:
             worker.submit(call.run)
-            return await _host_asyncio.drive(call, loop, _require_await)
+            return cast(_T, await _host_asyncio.drive(call, loop, _require_await))
         finally:
             mailbox.active -= 1
             _count_call(-1)
             _end_stretch(call)
             call.release_channel()
-    return await _host_trio.spawn(fn, args, kwargs, _require_await, _wait_for_worker)
+    return cast(_T, await _host_trio.spawn(fn, args, kwargs, _require_await, _wait_for_worker))
 
 
 async def _wait_for_worker() -> _workers._Worker:

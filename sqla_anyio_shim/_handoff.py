@@ -30,7 +30,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from . import _channel, _workers
 from ._loop_proxy import _LoopProxy, _OnLoop
@@ -251,7 +251,7 @@ class _Call:
             # in the sync code see the host's loop, as on greenlet's loop
             # thread; every call that is not thread-safe hops to the loop
             # thread (see _LoopProxy)
-            _set_running_loop(_LoopProxy(loop, self.loop_thread, _current_call))
+            _set_running_loop(cast(Any, _LoopProxy(loop, self.loop_thread, _current_call)))
         try:
             self.enter_user()
             try:
@@ -266,7 +266,7 @@ class _Call:
                 _set_running_loop(None)
             # drop what the job referenced before anything else can wait on
             # this thread
-            self.fn = self.args = self.kwargs = None
+            self.fn = self.args = self.kwargs = None  # type: ignore[assignment]
         worker, self.worker = self.worker, None
         # mark ourselves idle *before* delivering, so that the caller's next
         # greenlet_spawn() finds this warm thread
@@ -451,7 +451,7 @@ def _mailbox_for(key: Any, schedule: Callable[[Callable[[], None]], Any]) -> _Ma
     except TypeError:  # not weak-referenceable: one mailbox per call
         return _Mailbox(schedule)
     _hosts.last = (key, mailbox)
-    return mailbox  # type: ignore[no-any-return]
+    return mailbox
 
 
 def _count_call(delta: int) -> None:
@@ -554,7 +554,7 @@ def _end_stretch(call: _Call) -> None:
 try:
     import ctypes
 
-    _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    _set_async_exc: Any = ctypes.pythonapi.PyThreadState_SetAsyncExc
     _c_thread_id = ctypes.c_ulong
     _py_object = ctypes.py_object
 except (ImportError, AttributeError):  # pragma: no cover -- not CPython

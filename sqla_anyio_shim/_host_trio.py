@@ -57,6 +57,7 @@ async def spawn(
     # a checkpoint, as every trio async function is: a cancelled scope
     # stops here before any sync code runs, and a task looping on queries
     # lets the others run
+    assert trio is not None
     await trio.lowlevel.checkpoint()
     worker = _workers.pool.try_acquire()
     if worker is None:

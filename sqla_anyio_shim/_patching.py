@@ -217,11 +217,11 @@ class _Installation:
         if any(func is original for func, _ in self.codes):
             return
         trampoline = _trampoline(target, inspect.iscoroutinefunction(original))
-        names = {"co_name": original.__code__.co_name}
+        code = trampoline.replace(co_name=original.__code__.co_name)
         if sys.version_info >= (3, 11):
-            names["co_qualname"] = original.__code__.co_qualname
+            code = code.replace(co_qualname=original.__code__.co_qualname)
         self.codes.append((original, original.__code__))
-        original.__code__ = trampoline.replace(**names)
+        original.__code__ = code
 
     # -- walking modules ----------------------------------------------------
 

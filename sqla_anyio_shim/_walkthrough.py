@@ -65,9 +65,10 @@ async def walk(url: str, say: Callable[[str], None]) -> None:
         say(f"created tables {', '.join(sorted(tables))} (run_sync + inspector)")
 
         # -- Core --
+        users_table = Base.metadata.tables["users"]
         async with engine.begin() as conn:
             await conn.execute(
-                User.__table__.insert(),
+                users_table.insert(),
                 [{"id": i, "name": f"user{i}"} for i in range(1, 6)],
             )
             count = (await conn.execute(select(func.count()).select_from(User))).scalar_one()
@@ -79,7 +80,7 @@ async def walk(url: str, say: Callable[[str], None]) -> None:
             name = result.scalar_one()
             _check(name == "user3", f"name {name}")
             await conn.execute(
-                update(User.__table__).where(User.__table__.c.id == 3).values(name="renamed")
+                update(users_table).where(users_table.c.id == 3).values(name="renamed")
             )
             await conn.rollback()
             name = (await conn.execute(select(User.name).where(User.id == 3))).scalar_one()
@@ -128,7 +129,7 @@ async def walk(url: str, say: Callable[[str], None]) -> None:
                 await session.flush()
                 await nested.rollback()
                 await session.delete(await session.get(User, 6))
-            count = await session.scalar(select(func.count()).select_from(User))
+            count = await session.scalar(select(func.count()).select_from(User)) or 0
             _check(count == 6, f"count after savepoint rollback {count}")
         say("ORM: savepoint rollback dropped a user, delete committed")
 
@@ -152,7 +153,10 @@ async def walk(url: str, say: Callable[[str], None]) -> None:
         _check(n == 6, f"run_sync saw {n}")
         say(f"ORM: run_sync() ran sync Session code seeing {n} users")
 
-        _check(engine.pool.checkedout() == 0, "no connection left checked out")
+        _check(
+            engine.pool.checkedout() == 0,  # type: ignore[attr-defined]
+            "no connection left checked out",
+        )
     finally:
         await engine.dispose()
 
