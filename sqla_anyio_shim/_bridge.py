@@ -22,38 +22,16 @@ from typing import Any, TypeVar, cast
 from . import _host_asyncio, _host_trio, _workers
 from ._handoff import (  # re-exported for _patching, _primitives and stats()
     AWAIT_REQUIRED_MESSAGE as AWAIT_REQUIRED_MESSAGE,
-)
-from ._handoff import (
     HOST_GONE_MESSAGE as HOST_GONE_MESSAGE,
-)
-from ._handoff import (
     HostGone as HostGone,
-)
-from ._handoff import (
     _Call as _Call,
-)
-from ._handoff import (
     _count_call as _count_call,
-)
-from ._handoff import (
     _end_stretch as _end_stretch,
-)
-from ._handoff import (
     _exc as _exc,
-)
-from ._handoff import (
     _local as _local,
-)
-from ._handoff import (
     _mailbox_for as _mailbox_for,
-)
-from ._handoff import (
     _safe_close as _safe_close,
-)
-from ._handoff import (
     call_stats as call_stats,
-)
-from ._handoff import (
     reset_longest_hold as reset_longest_hold,
 )
 from ._loop_proxy import _OnLoop
