@@ -50,6 +50,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -428,15 +429,21 @@ def write_harness(cache: Path) -> tuple[Path, Path]:
 
 def shim_command(
     activation: str, python: Path, pytest_argv: list[str], env: dict[str, str],
-    site_dir: Path,
+    site_dir: Path, options: list[str],
 ) -> list[str]:
     """The command line (and environment, updated in place) of a shim run.
     Every form runs pytest as ``python -m pytest`` does (the current
-    directory first on sys.path), as the greenlet run does."""
+    directory first on sys.path), as the greenlet run does.  ``options``:
+    the launcher's install options (``--handoff-timeout 0``)."""
     if activation == "launcher":
-        return [str(python), "-m", "sqla_anyio_shim", "run", "--", "-m", "pytest", *pytest_argv]
+        return [str(python), "-m", "sqla_anyio_shim", "run", *options, "--",
+                "-m", "pytest", *pytest_argv]
     if activation == "env":
         env["SQLA_ANYIO_SHIM"] = "1"
+        if options:
+            env["SQLA_ANYIO_SHIM_OPTIONS"] = " ".join(options)
+    elif options:
+        raise SystemExit("--shim-options needs --activation launcher or env")
     elif activation == "sitecustomize":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site_dir), env.get("PYTHONPATH")]))
     else:
@@ -533,10 +540,14 @@ def run_suite(
     probe_dir: Path,
     site_dir: Path,
     activation: str,
+    options: list[str],
 ) -> Run:
     label = f"{project.key} [{db.name}] {kind}"
     run = Run(label)
     work = cache / "runs" / f"{project.key}-{db.name}-{kind}"
+    if work.exists():
+        # a previous run's JUnit XML or probe report must never be read as this one's
+        shutil.rmtree(work)
     tree = fresh_tree(sdist, work / "tree")
     junit = work / "junit.xml"
     probe_file = work / "probe.json"
@@ -555,11 +566,12 @@ def run_suite(
     pg_url = f"{pg_host()}/{PEERS_PG_DB}"
     environ.update({k: v.replace("{pg}", pg_url) for k, v in db.env.items()})
     if kind == "shim":
-        cmd = shim_command(activation, python, pytest_argv, environ, site_dir)
+        cmd = shim_command(activation, python, pytest_argv, environ, site_dir, options)
     else:
         cmd = [str(python), "-m", "pytest", *pytest_argv]
     shown_env = " ".join(
-        f"{k}={environ[k]}" for k in ("PYTHONPATH", "SQLA_ANYIO_SHIM", *db.env)
+        f"{k}={environ[k]}"
+        for k in ("PYTHONPATH", "SQLA_ANYIO_SHIM", "SQLA_ANYIO_SHIM_OPTIONS", *db.env)
         if k in environ
     )
     print(f"-- {label}", flush=True)
@@ -694,6 +706,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the sqla-anyio-shim source tree to install (default: this checkout)")
     parser.add_argument("--activation", choices=ACTIVATIONS, default=ACTIVATION,
                         help=f"how the shim run switches the shim on (default: {ACTIVATION})")
+    parser.add_argument("--shim-options", default="", metavar="OPTIONS",
+                        help="install options for the shim run, in the launcher's syntax "
+                        "(e.g. '--handoff-timeout 0')")
     parser.add_argument("--list", action="store_true", help="list the pinned projects and exit")
     args = parser.parse_args(argv)
 
@@ -717,7 +732,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     probe_dir, site_dir = write_harness(cache)
     strict = os.environ.get("CI") == "true"
-    print(f"== peers: cache {cache}, shim from {args.shim}, activation {args.activation}, "
+    activation = " ".join(filter(None, [args.activation, args.shim_options]))
+    print(f"== peers: cache {cache}, shim from {args.shim}, activation {activation}, "
           f"Python {sys.version.split()[0]}", flush=True)
 
     rows: list[Row] = []
@@ -742,7 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     failed = failed or strict
                     break
                 runs[kind] = run_suite(kind, project, db, envs[kind], sdist,
-                                       cache, probe_dir, site_dir, args.activation)
+                                       cache, probe_dir, site_dir, args.activation,
+                                       shlex.split(args.shim_options))
             if row.note:
                 continue
             row.greenlet, row.shim = runs["greenlet"], runs["shim"]
