@@ -39,7 +39,7 @@ import select
 import threading
 from typing import Union
 
-__all__ = ["Channel", "get", "put", "reset_after_fork"]
+__all__ = ["Channel", "Wake", "get", "new_wake", "put", "reset_after_fork"]
 
 _HAS_EVENTFD = hasattr(os, "eventfd") and hasattr(select, "poll")
 
@@ -138,6 +138,65 @@ class _LockChannel:
 
     def close(self) -> None:
         pass
+
+
+class _EventfdWake:
+    """A one-way wake-up: how an idle worker thread waits for its next job
+    (the same reasons as above: on 3.14t a contended Lock spins)."""
+
+    __slots__ = ("_fd", "_poll")
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+
+    def set(self) -> None:
+        os.eventfd_write(self._fd, 1)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for set(), for at most ``timeout`` seconds (None: no bound)."""
+        if timeout is not None and not self._poll.poll(max(0, int(timeout * 1000))):
+            return False
+        os.eventfd_read(self._fd)
+        return True
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _LockWake:
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._lock.acquire(True, -1 if timeout is None else timeout)
+
+    def close(self) -> None:
+        pass
+
+
+Wake = Union[_EventfdWake, _LockWake]  # noqa: UP007 -- a runtime alias
+
+
+def new_wake() -> Wake:
+    if _HAS_EVENTFD:
+        try:
+            return _EventfdWake()
+        except OSError:
+            pass  # out of descriptors
+    return _LockWake()
 
 
 Channel = Union[_EventfdChannel, _LockChannel]  # noqa: UP007 -- a runtime alias on 3.9+ syntax

@@ -69,6 +69,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import _channel
+
 __all__ = ["PoolStats", "WorkerPool", "pool"]
 
 _log = logging.getLogger("sqla_anyio_shim")
@@ -101,10 +103,10 @@ class _Worker:
 
     def __init__(self, pool: WorkerPool) -> None:
         self._pool = pool
-        # a lock used as a binary semaphore: released by whoever hands us a
-        # job, acquired by the worker to wait for one
-        self._wake = threading.Lock()
-        self._wake.acquire()
+        # set by whoever hands us a job, waited on by the worker: an eventfd
+        # where there is one (a Lock spins under contention on free-threaded
+        # builds; see _channel)
+        self._wake = _channel.new_wake()
         self._job: Callable[[], None] | None = None
         # whether the running job has already handed this worker back to
         # the pool (guarded by the pool's lock; see WorkerPool.release)
@@ -114,19 +116,19 @@ class _Worker:
     def submit(self, job: Callable[[], None] | None) -> None:
         """Hand ``job`` to this worker (``None`` stops the thread)."""
         self._job = job
-        self._wake.release()
+        self._wake.set()
 
     def _run(self) -> None:
         pool = self._pool
         wake = self._wake
         try:
             while True:
-                if not wake.acquire(timeout=pool.idle_timeout):
+                if not wake.wait(pool.idle_timeout):
                     if pool._retire(self):
                         return
                     # somebody took us off the idle stack at the same moment
                     # and is about to hand us a job: wait for it
-                    wake.acquire()
+                    wake.wait()
                 job = self._job
                 self._job = None
                 if job is None:  # shutdown request
@@ -146,8 +148,10 @@ class _Worker:
                 del job
                 pool._job_done(self)
         finally:
-            # however the thread ends, it is no longer a worker
+            # however the thread ends, it is no longer a worker (and nobody
+            # can hand it a job any more: it is on no list)
             pool._forget(self)
+            wake.close()
 
 
 class WorkerPool:
@@ -308,11 +312,11 @@ class WorkerPool:
             # its pool was reset at a fork (this is the child, and this is
             # the thread that forked): it is not a worker here
             worker._job = None
-            worker._wake.release()  # the None job ends the thread
+            worker._wake.set()  # the None job ends the thread
         elif self.max_idle_workers is not None and len(self._idle) >= self.max_idle_workers:
             self._all.discard(worker)
             worker._job = None
-            worker._wake.release()  # the None job ends the thread
+            worker._wake.set()  # the None job ends the thread
         else:
             self._idle.append(worker)
         self._wake_next_locked()
@@ -332,8 +336,11 @@ class WorkerPool:
         except BaseException as err:
             if worker.thread.is_alive():
                 # interrupted (Ctrl-C) after the thread did start: stop it,
-                # it is not counted and no job will ever come
+                # it is not counted and no job will ever come (the thread
+                # closes its wake-up when it ends)
                 worker.submit(None)
+            else:
+                worker._wake.close()  # never started: nobody else has it
             running = self._unreserve()
             if isinstance(err, RuntimeError) and "shutdown" not in str(err):
                 raise RuntimeError(
