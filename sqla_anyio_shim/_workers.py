@@ -356,6 +356,8 @@ class WorkerPool:
         with self._lock:
             self._starting -= 1
             self._all.add(worker)
+            total = len(self._all)
+        _log.debug("started worker thread %s (%d workers)", worker.thread.name, total)
         return worker
 
     def _unreserve(self) -> int:
@@ -388,7 +390,14 @@ class WorkerPool:
             except ValueError:
                 return False
             self._all.discard(worker)
-            return True
+            total = len(self._all)
+        _log.debug(
+            "worker thread %s retired after %.1f s idle (%d workers)",
+            worker.thread.name,
+            self.idle_timeout,
+            total,
+        )
+        return True
 
     def _forget(self, worker: _Worker) -> None:
         with self._lock:

@@ -753,3 +753,28 @@ def test_worker_parked_in_await_when_loop_closes_is_released() -> None:
     assert lines[0].startswith("busy 0 after"), out.stdout
     assert float(lines[0].split()[-1]) < 10
     assert lines[1] == "query 42", out.stdout
+
+
+def test_worker_start_and_retirement_are_logged_at_debug(caplog: Any) -> None:
+    """The sqla_anyio_shim logger reports worker threads starting and
+    retiring at DEBUG (issue 11, item 5)."""
+    import logging
+
+    from sqla_anyio_shim import _workers
+
+    pool = _workers.WorkerPool(idle_timeout=0.05)
+    done = threading.Event()
+    with caplog.at_level(logging.DEBUG, logger="sqla_anyio_shim"):
+        worker = pool.try_acquire()
+        assert worker is not None
+        worker.submit(lambda: (done.set(), pool.release(worker)))  # type: ignore[func-returns-value]
+        assert done.wait(10)
+        deadline = threading.Event()
+        for _ in range(1000):
+            if pool.stats().total == 0:
+                break
+            deadline.wait(0.01)
+    messages = [r.getMessage() for r in caplog.records if r.name == "sqla_anyio_shim"]
+    assert any(m.startswith("started worker thread") for m in messages), messages
+    assert any("retired after" in m for m in messages), messages
+    assert pool.stats().total == 0
