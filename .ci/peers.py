@@ -111,11 +111,17 @@ class Project:
 
 
 # The PostgreSQL URL placeholder {pg} is filled in from SQLA_SHIM_PG_HOST and
-# a database of our own (PEERS_PG_DB), dropped and created afresh before each
-# run: a peer's tables never meet those of the other suites sharing the
-# server, and a run never meets the rows its twin left (advanced-alchemy's
+# a database of our own per project (pg_database()), dropped and created
+# afresh before each run: a peer's tables never meet those of the other
+# suites sharing the server (nor another project's, when two runners run at
+# once), and a run never meets the rows its twin left (advanced-alchemy's
 # loader tests fail on a used database, on greenlet as on the shim).
 PEERS_PG_DB = "sqla_peers"
+
+
+def pg_database(project: Project) -> str:
+    return f"{PEERS_PG_DB}_{re.sub(r'[^a-z0-9]+', '_', project.name.lower())}"
+
 
 PROJECTS: tuple[Project, ...] = (
     Project(
@@ -475,10 +481,10 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 '''
 
 
-def prepare_pg(python: Path) -> str | None:
-    """Create our database afresh; None when done, else why not."""
+def prepare_pg(python: Path, database: str) -> str | None:
+    """Create ``database`` afresh; None when done, else why not."""
     proc = subprocess.run(
-        [str(python), "-c", PG_PREPARE, f"postgresql://{pg_host()}/test", PEERS_PG_DB],
+        [str(python), "-c", PG_PREPARE, f"postgresql://{pg_host()}/test", database],
         capture_output=True, text=True, timeout=60,
     )
     if proc.returncode != 0:
@@ -563,7 +569,7 @@ def run_suite(
         environ.pop(var, None)
     environ["PYTHONPATH"] = str(probe_dir)
     environ["SQLA_PEERS_PROBE"] = str(probe_file)
-    pg_url = f"{pg_host()}/{PEERS_PG_DB}"
+    pg_url = f"{pg_host()}/{pg_database(project)}"
     environ.update({k: v.replace("{pg}", pg_url) for k, v in db.env.items()})
     if kind == "shim":
         cmd = shim_command(activation, python, pytest_argv, environ, site_dir, options)
@@ -751,7 +757,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(row)
             runs: dict[str, Run] = {}
             for kind in ("greenlet", "shim"):
-                problem = prepare_pg(_python(envs["greenlet"])) if db.postgresql else None
+                problem = (
+                    prepare_pg(_python(envs["greenlet"]), pg_database(project))
+                    if db.postgresql else None
+                )
                 if problem:
                     row.note = problem + ("" if strict else " (skipped: CI is not true)")
                     print(f"!! {row.note}", flush=True)
