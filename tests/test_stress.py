@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 import anyio
@@ -79,10 +80,12 @@ async def test_thousand_tasks_random_cancellations(
     try:
         async with eng.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
+        started = time.monotonic()
         with anyio.fail_after(150):
             stats = await _cancelling_orm_workload(
                 eng, Item, seed=7919 * run, tasks=TASKS, max_timeout=MAX_TIMEOUT, deadline=140
             )
+        seconds = time.monotonic() - started
     finally:
         await eng.dispose()
         sqla_anyio_shim.install(sync_drivers=False)
@@ -90,7 +93,7 @@ async def test_thousand_tasks_random_cancellations(
     with capsys.disabled():
         print(
             f"\n   stress run {run}/{REPEAT} ({backend}, "
-            f"GIL {'on' if gil else 'off'}): "
+            f"GIL {'on' if gil else 'off'}, {seconds:.1f} s): "
             + ", ".join(f"{k} {v}" for k, v in stats.items()),
             flush=True,
         )
