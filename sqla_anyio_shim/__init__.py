@@ -124,8 +124,8 @@ class Stats:
     #: ``greenlet_spawn()`` calls in flight, on every event loop
     calls_in_flight: int
     #: seconds: the longest stretch a call's sync code kept an event loop
-    #: blocked (its host waiting on it, hop after hop, without the loop
-    #: running in between) since start-up or the last ``stats(reset=True)``
+    #: blocked (its host waiting on it from one await point to the next)
+    #: since start-up or the last ``stats(reset=True)``
     longest_loop_hold: float
 
 

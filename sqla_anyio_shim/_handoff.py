@@ -64,8 +64,8 @@ handoff_timeout = 0.002
 _ADAPTIVE = not getattr(sys, "_is_gil_enabled", lambda: True)()
 
 #: A call whose sync code holds the event loop longer than this, in one
-#: stretch (the host blocking its thread on the worker, hop after hop,
-#: without the loop running in between), is reported at WARNING on the
+#: stretch (the host blocking its thread on the worker while the sync code
+#: runs from one await point to the next), is reported at WARNING on the
 #: ``sqla_anyio_shim`` logger, as asyncio's debug mode reports slow
 #: callbacks.  Set by install(slow_call_warning=...); None: never.
 slow_hold_threshold: float | None = 0.1
@@ -580,6 +580,11 @@ async def _serve(call: _Call, awaitable: Any) -> None:
     hook = await_hook
     if hook is not None and not isinstance(awaitable, _OnLoop):
         awaitable = hook(awaitable)
+    if call.hold:
+        # the stretch of sync code before this await point is over (the
+        # awaitable usually lets the loop run; counting on across it would
+        # add up stretches that the loop ran between)
+        _end_stretch(call)
     try:
         value = await awaitable
     except BaseException as err:
