@@ -9,7 +9,8 @@ script
    and unpacks it into a cache directory;
 2. builds two virtual environments from the package index, identical but for
    greenlet: both get the pinned project, its pinned test requirements and
-   this repository (``pip install <repo>``); the ``shim`` one then has
+   this repository (its wheel, built once per invocation with ``pip
+   wheel <repo>``); the ``shim`` one then has
    greenlet uninstalled, proved by ``import greenlet`` failing;
 3. runs the suite in a fresh copy of the test tree in each environment --
    on greenlet as the project's own CI does, and with the shim switched on
@@ -59,7 +60,6 @@ import time
 import venv
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -382,8 +382,24 @@ def fresh_tree(sdist: Path, dest: Path) -> Path:
     return root
 
 
+def build_shim_wheel(source: Path, cache: Path) -> Path:
+    """This repository as a wheel, built once per invocation: every
+    environment installs the same file (ten in-tree builds would be slow, and
+    two at once collide in setuptools' build/ directory)."""
+    out = cache / "wheel"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)])
+    wheels = sorted(out.glob("sqla_anyio_shim-*.whl"))
+    if len(wheels) != 1:
+        raise SystemExit(f"building {source} gave {[w.name for w in wheels]}, not one wheel")
+    return wheels[0]
+
+
 def make_env(kind: str, project: Project, sdist: Path, cache: Path, shim: Path) -> Path:
-    """The ``greenlet`` or ``shim`` environment of ``project``."""
+    """The ``greenlet`` or ``shim`` environment of ``project``; ``shim`` is
+    this repository's wheel."""
     py = f"{sys.version_info[0]}.{sys.version_info[1]}"
     env = cache / "venvs" / f"{project.key}-py{py}-{kind}"
     python = _python(env)
@@ -746,18 +762,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"== peers: cache {cache}, shim from {args.shim}, activation {activation}, "
           f"Python {sys.version.split()[0]}", flush=True)
 
+    shim_wheel = build_shim_wheel(Path(args.shim), cache)
     rows: list[Row] = []
     failed = False
     for project in projects:
         sdist = fetch_sdist(project, cache)
-        # the two builds wait on the index and on each other's CPU: together
-        kinds = ("greenlet", "shim")
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            futures = {
-                kind: pool.submit(make_env, kind, project, sdist, cache, Path(args.shim))
-                for kind in kinds
-            }
-            envs = {kind: future.result() for kind, future in futures.items()}
+        envs = {
+            kind: make_env(kind, project, sdist, cache, shim_wheel)
+            for kind in ("greenlet", "shim")
+        }
         for db in project.databases:
             if args.db and db.name.split("+")[0] not in args.db and db.name not in args.db:
                 continue
