@@ -9,9 +9,10 @@ import sys
 import threading
 import traceback
 import weakref
-from typing import Any, List
+from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from sqlalchemy import exc
 from sqlalchemy.util import concurrency
@@ -45,7 +46,7 @@ def test_helpers_are_the_bridge() -> None:
 
 async def test_return_value_args_kwargs(anyio_backend: Any) -> None:
     async def add(a: int, b: int) -> int:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         return a + b
 
     def sync(x: int, *, y: int) -> int:
@@ -58,7 +59,7 @@ async def test_return_value_args_kwargs(anyio_backend: Any) -> None:
 
 async def test_sync_code_runs_in_a_worker_thread(anyio_backend: Any) -> None:
     loop_thread = threading.get_ident()
-    seen: List[int] = []
+    seen: list[int] = []
 
     def sync() -> None:
         seen.append(threading.get_ident())
@@ -79,10 +80,10 @@ async def test_exception_from_sync_code_keeps_type_and_traceback(anyio_backend: 
 
 async def test_exception_from_awaitable_raised_at_await(anyio_backend: Any) -> None:
     async def fails() -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         raise ValueError("from async")
 
-    caught: List[BaseException] = []
+    caught: list[BaseException] = []
 
     def sync() -> str:
         try:
@@ -133,7 +134,7 @@ async def test_await_in_user_thread_is_refused(anyio_backend: Any) -> None:
     async def coro() -> None:
         pass
 
-    errors: List[BaseException] = []
+    errors: list[BaseException] = []
 
     def in_thread() -> None:
         try:
@@ -174,7 +175,7 @@ async def test_require_await(anyio_backend: Any) -> None:
 async def test_nested_greenlet_spawn(anyio_backend: Any) -> None:
     def inner(x: int) -> int:
         async def double() -> int:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             return x * 2
 
         return await_(double())
@@ -188,7 +189,7 @@ async def test_nested_greenlet_spawn(anyio_backend: Any) -> None:
 async def test_many_awaits_in_one_call(anyio_backend: Any) -> None:
     async def ident(i: int) -> int:
         if i % 7 == 0:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
         return i
 
     def sync() -> int:
@@ -224,7 +225,7 @@ async def test_contextvars_500_tasks(anyio_backend: Any) -> None:
         assert await_(async_inner(retval)) == retval
         return retval
 
-    results: List[int] = []
+    results: list[int] = []
 
     async def task(val: int) -> None:
         await anyio.sleep(random.uniform(0.005, 0.015))
@@ -264,7 +265,7 @@ async def test_cancel_at_await_point(anyio_backend: Any) -> None:
     await_(), lets the sync cleanup run (including another await_), and
     greenlet_spawn() returns only after the sync code has finished."""
     entered = anyio.Event()
-    order: List[str] = []
+    order: list[str] = []
     cancelled_exc = anyio.get_cancelled_exc_class()
 
     async def long_wait() -> None:
@@ -308,7 +309,7 @@ async def test_cancel_while_sync_code_runs_lands_at_next_await(anyio_backend: An
     interrupt it: it lands at its next await_(), as with greenlet."""
     started = threading.Event()
     release = threading.Event()
-    outcome: List[str] = []
+    outcome: list[str] = []
     cancelled_exc = anyio.get_cancelled_exc_class()
 
     def sync() -> None:
@@ -317,7 +318,7 @@ async def test_cancel_while_sync_code_runs_lands_at_next_await(anyio_backend: An
         assert release.wait(10)
         outcome.append("plain python finished")
         try:
-            await_(anyio.sleep(0))
+            await_(anyio.lowlevel.checkpoint())
         except cancelled_exc:
             outcome.append("cancelled at next await_")
             raise
@@ -343,7 +344,7 @@ async def test_cancel_while_sync_code_finishes_without_await(anyio_backend: Any)
     would have delivered it."""
     started = threading.Event()
     release = threading.Event()
-    events: List[str] = []
+    events: list[str] = []
     cancelled_exc = anyio.get_cancelled_exc_class()
 
     def sync() -> str:
@@ -378,7 +379,7 @@ async def test_workers_are_reused(anyio_backend: Any) -> None:
     idents = set()
 
     async def hop() -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
     def sync() -> None:
         await_(hop())
@@ -411,7 +412,7 @@ async def test_idle_workers_retire(anyio_backend: Any) -> None:
     pool.shutdown()
     pool.configure(max_workers=None, idle_timeout=0.2, max_idle_workers=None)
     try:
-        threads: List[threading.Thread] = []
+        threads: list[threading.Thread] = []
 
         def sync() -> None:
             threads.append(threading.current_thread())
@@ -437,7 +438,7 @@ async def test_max_workers_bounds_threads_without_deadlock(anyio_backend: Any) -
             await_(anyio.sleep(0.01))
             return i
 
-        results: List[int] = []
+        results: list[int] = []
 
         async def one(i: int) -> None:
             results.append(await greenlet_spawn(sync, i))
@@ -479,7 +480,9 @@ def test_outside_any_event_loop_error() -> None:
         coro.send(None)
 
 
-async def test_pending_cancel_still_starts_shielded_cleanup(asyncio_only: None, anyio_backend: Any) -> None:
+async def test_pending_cancel_still_starts_shielded_cleanup(
+    asyncio_only: None, anyio_backend: Any
+) -> None:
     """Regression: a cancellation that arrives while the sync code runs plain
     Python, followed by ``await_(asyncio.shield(coro))`` (what SQLAlchemy's
     terminate() does), must still run ``coro`` -- greenlet starts the
@@ -491,7 +494,7 @@ async def test_pending_cancel_still_starts_shielded_cleanup(asyncio_only: None, 
 
     started = threading.Event()
     release = threading.Event()
-    ran: List[str] = []
+    ran: list[str] = []
 
     async def graceful_close() -> None:
         await asyncio.sleep(0.01)
@@ -521,13 +524,13 @@ async def test_unbounded_handoff_keeps_sync_code_atomic(anyio_backend: Any) -> N
     code runs, as under greenlet, so no other task runs in between."""
     import sqla_anyio_shim
 
-    ticks: List[int] = []
+    ticks: list[int] = []
     stop = anyio.Event()
 
     async def ticker() -> None:
         while not stop.is_set():
             ticks.append(1)
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
 
     def sync() -> int:
         before = len(ticks)

@@ -13,16 +13,17 @@ import asyncio
 import contextvars
 import sys
 import threading
-from typing import Any, List
+from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from sqlalchemy import Column, Integer, String, event, func, select, text
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import declarative_base
 from sqlalchemy.util import concurrency
 
-from sqla_anyio_shim import _bridge, _handoff
+from sqla_anyio_shim import _handoff
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -93,7 +94,7 @@ async def test_task_cancel_during_plain_python_lands_at_next_suspension(anyio_ba
     withdraws is still delivered, at the task's next suspension."""
     started = threading.Event()
     release = threading.Event()
-    events: List[str] = []
+    events: list[str] = []
 
     def sync() -> str:
         started.set()
@@ -220,7 +221,7 @@ async def test_sync_driver_deadline_stops_before_next_statement(
     async with eng.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
     release = threading.Event()
-    statements: List[str] = []
+    statements: list[str] = []
 
     @event.listens_for(eng.sync_engine, "before_cursor_execute")
     def log(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -327,7 +328,7 @@ async def test_sync_driver_query_loop_lets_others_run_and_meets_deadline(
     deadline lets a sleeping task run and stops at its deadline, instead of
     holding the loop until the loop ends by itself."""
     eng = create_async_engine(f"sqlite:///{tmp_path}/fair.db")
-    ticks: List[float] = []
+    ticks: list[float] = []
     queries = 0
     stop = anyio.Event()
 
@@ -374,7 +375,7 @@ async def test_no_spurious_exception_context(anyio_backend: Any) -> None:
     assert info.value.__context__ is None
 
     async def failing() -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         raise ValueError("from the awaitable")
 
     def sync() -> BaseException:
@@ -403,7 +404,7 @@ async def test_var_set_and_reset_in_sync_code_is_gone_for_the_task(anyio_backend
 
     def sync() -> None:
         token = _var.set("in hook")
-        await_(anyio.sleep(0))
+        await_(anyio.lowlevel.checkpoint())
         _var.reset(token)
 
     await greenlet_spawn(sync)
@@ -414,17 +415,17 @@ async def test_var_set_and_reset_by_task_is_gone_for_sync_code(anyio_backend: An
     """Scenario 6, the other way: a variable with no value that the task
     sets at one await_() and resets at a later one is unset again for the
     sync code."""
-    tokens: List[Any] = []
+    tokens: list[Any] = []
 
     async def task_sets() -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         tokens.append(_var.set("in task"))
 
     async def task_resets() -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         _var.reset(tokens.pop())
 
-    def sync() -> List[str]:
+    def sync() -> list[str]:
         await_(task_sets())
         seen = [_var.get("unset")]
         await_(task_resets())
@@ -443,7 +444,7 @@ async def test_var_changes_both_ways_in_one_call(anyio_backend: Any) -> None:
         _var.set(value)
         return seen
 
-    def sync() -> List[str]:
+    def sync() -> list[str]:
         seen = [await_(task_side("a"))]
         token = _var.set("b")
         seen.append(await_(task_side("c")))
@@ -474,7 +475,7 @@ async def test_loop_apis_from_sync_code(anyio_backend: Any, tmp_path: Any) -> No
     loop = asyncio.get_running_loop()
     loop_thread = threading.get_ident()
     eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/l.db")
-    seen: List[Any] = []
+    seen: list[Any] = []
     done = asyncio.Event()
 
     async def background() -> None:
@@ -486,7 +487,9 @@ async def test_loop_apis_from_sync_code(anyio_backend: Any, tmp_path: Any) -> No
         running = asyncio.get_running_loop()
         seen.append(("same loop time", abs(running.time() - loop.time()) < 5))
         seen.append(("get_event_loop", asyncio.get_event_loop() is running))
-        running.call_soon(lambda: seen.append(("call_soon on loop thread", threading.get_ident() == loop_thread)))
+        running.call_soon(
+            lambda: seen.append(("call_soon on loop thread", threading.get_ident() == loop_thread))
+        )
         task = asyncio.create_task(background())
         seen.append(("create_task", isinstance(task, asyncio.Task)))
 
@@ -547,9 +550,7 @@ def test_names_bound_before_install_reach_the_bridge() -> None:
         print("ok", "greenlet" in sys.modules)
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ok", "False"]
 
@@ -636,7 +637,7 @@ async def test_stats_and_slow_call_warning(anyio_backend: Any, caplog: Any) -> N
 
     inside = threading.Event()
     release = threading.Event()
-    seen: List[Any] = []
+    seen: list[Any] = []
 
     def probe() -> None:
         inside.set()
@@ -693,7 +694,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqla_anyio_shim import _workers
 
 path = os.path.join(tempfile.mkdtemp(), "parked.db")
-engine = create_async_engine(f"sqlite+aiosqlite:///{path}", pool_size=1, max_overflow=0, pool_timeout=60)
+engine = create_async_engine(
+    f"sqlite+aiosqlite:///{path}", pool_size=1, max_overflow=0, pool_timeout=60
+)
 hold = None
 
 async def holder(ready):

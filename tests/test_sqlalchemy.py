@@ -7,7 +7,8 @@ import gc
 import os
 import random
 import threading
-from typing import Any, AsyncIterator, Dict, List, Set
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -20,10 +21,9 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.util import concurrency
-from sqlalchemy.util import queue as sqla_queue
+from sqlalchemy.util import concurrency, queue as sqla_queue
 
-from sqla_anyio_shim import _bridge, _handoff, _workers
+from sqla_anyio_shim import _handoff, _workers
 
 from .conftest import wait_until
 
@@ -62,7 +62,9 @@ async def engine(engine_kind: str, tmp_path: Any, anyio_backend: Any) -> AsyncIt
     import sqla_anyio_shim
 
     sqla_anyio_shim.install(sync_drivers=engine_kind != "aiosqlite")
-    eng = create_async_engine(_url(engine_kind, tmp_path), pool_size=5, max_overflow=0, pool_timeout=60)
+    eng = create_async_engine(
+        _url(engine_kind, tmp_path), pool_size=5, max_overflow=0, pool_timeout=60
+    )
     async with eng.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
     try:
@@ -77,7 +79,7 @@ async def test_thousand_sessions_on_pool_of_five(engine: AsyncEngine) -> None:
     more concurrent sessions than connections (and than idle threads); all
     complete, nothing is left checked out."""
     Session = async_sessionmaker(engine, expire_on_commit=False)
-    done: List[int] = []
+    done: list[int] = []
 
     async def one(i: int) -> None:
         async with Session() as session:
@@ -143,7 +145,7 @@ async def test_cancel_at_each_await_point_returns_connection(
             # harness does): the cleanup that follows runs unhindered
             import asyncio
 
-            holder: List[Any] = []
+            holder: list[Any] = []
 
             def cancel_task_at_n(aw: Any) -> Any:
                 seen[0] += 1
@@ -185,7 +187,9 @@ async def test_cancel_at_each_await_point_returns_connection(
             assert (await conn.execute(text("select 1"))).scalar() == 1
 
 
-async def test_isolation_level_setter_in_worker(asyncio_only: None, tmp_path: Any, anyio_backend: Any) -> None:
+async def test_isolation_level_setter_in_worker(
+    asyncio_only: None, tmp_path: Any, anyio_backend: Any
+) -> None:
     """aiosqlite's isolation-level setter calls asyncio.get_event_loop()
     from sync code; in a worker that must be the host's loop."""
     eng = create_async_engine(_url("aiosqlite", tmp_path), isolation_level="SERIALIZABLE")
@@ -204,7 +208,9 @@ async def test_isolation_level_setter_in_worker(asyncio_only: None, tmp_path: An
         await eng.dispose()
 
 
-async def test_scoped_session_with_current_task(asyncio_only: None, tmp_path: Any, anyio_backend: Any) -> None:
+async def test_scoped_session_with_current_task(
+    asyncio_only: None, tmp_path: Any, anyio_backend: Any
+) -> None:
     import asyncio
 
     eng = create_async_engine(_url("aiosqlite", tmp_path))
@@ -222,14 +228,16 @@ async def test_scoped_session_with_current_task(asyncio_only: None, tmp_path: An
         await eng.dispose()
 
 
-async def test_first_connect_event_lock_under_concurrency(engine_kind: str, tmp_path: Any, anyio_backend: Any) -> None:
+async def test_first_connect_event_lock_under_concurrency(
+    engine_kind: str, tmp_path: Any, anyio_backend: Any
+) -> None:
     """The first-connect/initialize events run under AsyncAdaptedLock; many
     tasks racing to connect first must all succeed and initialize once."""
     import sqla_anyio_shim
 
     sqla_anyio_shim.install(sync_drivers=engine_kind != "aiosqlite")
     eng = create_async_engine(_url(engine_kind, tmp_path), pool_size=20)
-    calls: List[int] = []
+    calls: list[int] = []
     event.listen(eng.sync_engine, "first_connect", lambda *a: calls.append(1))
     try:
 
@@ -252,7 +260,7 @@ async def test_first_connect_event_lock_under_concurrency(engine_kind: str, tmp_
 
 async def test_queue_from_workers(anyio_backend: Any) -> None:
     q: Any = sqla_queue.AsyncAdaptedQueue(maxsize=3)
-    received: List[int] = []
+    received: list[int] = []
 
     def producer() -> None:
         for i in range(50):
@@ -306,7 +314,7 @@ async def test_queue_cancelled_waiter_passes_item_on(anyio_backend: Any) -> None
     it stays in the queue (SQLAlchemy #13749)."""
     q: Any = sqla_queue.AsyncAdaptedQueue()
     waiting = threading.Event()
-    got: List[Any] = []
+    got: list[Any] = []
 
     def getter() -> None:
         waiting.set()
@@ -374,7 +382,9 @@ async def test_asyncio_driver_under_trio_fails_clearly(anyio_backend: Any, tmp_p
     eng = create_async_engine(_url("aiosqlite", tmp_path))
     try:
         with anyio.fail_after(10):
-            with pytest.raises(InvalidRequestError, match="needs an asyncio event loop.*sync_drivers=True"):
+            with pytest.raises(
+                InvalidRequestError, match=r"needs an asyncio event loop.*sync_drivers=True"
+            ):
                 async with eng.connect() as conn:
                     await conn.execute(text("select 1"))
     finally:
@@ -388,16 +398,16 @@ async def _cancelling_orm_workload(
     tasks: int = 200,
     max_timeout: float = 0.01,
     deadline: float = 90,
-) -> Dict[str, int]:
+) -> dict[str, int]:
     """``tasks`` tasks, each adding one row and reading it back, about a
     quarter cancelled at random points (move_on_after, up to ``max_timeout``
     seconds); then every committed row is present, no row is there from a
     task cancelled before it called commit(), nothing is checked out and the
     workers go idle.  Returns how many tasks ended at each stage."""
     Session = async_sessionmaker(eng, expire_on_commit=False)
-    committing: Set[int] = set()
-    committed: Set[int] = set()
-    read_back: Set[int] = set()
+    committing: set[int] = set()
+    committed: set[int] = set()
+    read_back: set[int] = set()
     rnd = random.Random(seed)
     timeouts = [rnd.choice([None, None, None, rnd.uniform(0.0, max_timeout)]) for _ in range(tasks)]
 
@@ -428,9 +438,13 @@ async def _cancelling_orm_workload(
     # may have reached the database before the cancellation landed); every
     # task whose commit() returned must, and no task that never called it
     assert committed <= ids, f"lost commits: {sorted(committed - ids)[:20]}"
-    assert ids <= committing, f"rows from tasks cancelled before commit(): {sorted(ids - committing)[:20]}"
+    assert ids <= committing, (
+        f"rows from tasks cancelled before commit(): {sorted(ids - committing)[:20]}"
+    )
     uncancelled = {i for i in range(tasks) if timeouts[i] is None}
-    assert uncancelled <= read_back, f"uncancelled tasks that did not finish: {sorted(uncancelled - read_back)[:20]}"
+    assert uncancelled <= read_back, (
+        f"uncancelled tasks that did not finish: {sorted(uncancelled - read_back)[:20]}"
+    )
     gc.collect()
     assert eng.pool.checkedout() == 0
     wait_until(lambda: _workers.pool.busy == 0, 10, "workers to go idle")
@@ -496,10 +510,12 @@ async def test_sync_driver_stream(anyio_backend: Any, sync_drivers: None, tmp_pa
         await eng.dispose()
 
 
-async def test_sync_driver_walkthrough(anyio_backend: Any, sync_drivers: None, tmp_path: Any) -> None:
+async def test_sync_driver_walkthrough(
+    anyio_backend: Any, sync_drivers: None, tmp_path: Any
+) -> None:
     from sqla_anyio_shim._walkthrough import walk
 
-    lines: List[str] = []
+    lines: list[str] = []
     with anyio.fail_after(60):
         await walk(_url("sqlite-file", tmp_path), lines.append)
     assert any("run_sync" in line for line in lines)
@@ -508,14 +524,16 @@ async def test_sync_driver_walkthrough(anyio_backend: Any, sync_drivers: None, t
 async def test_aiosqlite_walkthrough(asyncio_only: None, anyio_backend: Any, tmp_path: Any) -> None:
     from sqla_anyio_shim._walkthrough import walk
 
-    lines: List[str] = []
+    lines: list[str] = []
     with anyio.fail_after(60):
         await walk(_url("aiosqlite", tmp_path), lines.append)
     assert len(lines) >= 8
 
 
 def _pg_url() -> str:
-    return os.environ.get("SQLA_SHIM_PG_SYNC_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    return os.environ.get(
+        "SQLA_SHIM_PG_SYNC_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    )
 
 
 async def test_trio_psycopg_sync_workload(anyio_backend: Any, sync_drivers: None) -> None:
