@@ -73,8 +73,12 @@ slow_hold_threshold: float | None = 0.1
 _log = logging.getLogger("sqla_anyio_shim")
 
 #: seconds a worker waits for a reply before it checks that its host's loop
-#: still exists (a task parked in await_() when its loop is closed)
-_LIVENESS_INTERVAL = 1.0
+#: still exists (a task parked in await_() when its loop is closed); the
+#: interval doubles after each check, up to the maximum.  Measured: with a
+#: 1 s interval, 3,000 tasks queueing on a pool of 5 took 2.2x as long
+#: (17.8 s against 8.0 s), every parked worker waking each second.
+_LIVENESS_INTERVAL = 5.0
+_LIVENESS_MAX_INTERVAL = 80.0
 
 # counters for stats(); guarded by _stats_lock (several loops in several
 # threads may run calls at once, and without the GIL += is not atomic)
@@ -318,7 +322,11 @@ class _Call:
             raise HostGone(HOST_GONE_MESSAGE)
         self.deliver(awaitable)
         channel = self.channel
-        while not channel.wait_reply(_LIVENESS_INTERVAL):
+        interval = _LIVENESS_INTERVAL
+        while not channel.wait_reply(interval):
+            # rarely, and more rarely the longer it waits: thousands of
+            # workers parked in a pool's queue must not wake up every second
+            interval = min(interval * 2, _LIVENESS_MAX_INTERVAL)
             if not self.mailbox.host_alive(self.loop):
                 # the loop was closed (or the trio run ended) with the task
                 # parked here: nobody will ever reply.  greenlet would throw

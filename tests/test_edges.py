@@ -721,7 +721,7 @@ loop = asyncio.new_event_loop()
 loop.run_until_complete(main())
 loop.close()
 started = time.monotonic()
-while _workers.pool.stats().busy and time.monotonic() - started < 20:
+while _workers.pool.stats().busy and time.monotonic() - started < 40:
     time.sleep(0.01)
 print("busy", _workers.pool.stats().busy, "after %.1f" % (time.monotonic() - started))
 
@@ -754,7 +754,8 @@ def test_worker_parked_in_await_when_loop_closes_is_released() -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split("\n")
     assert lines[0].startswith("busy 0 after"), out.stdout
-    assert float(lines[0].split()[-1]) < 10
+    # the worker checks its loop 5 s after it parked (then less and less often)
+    assert float(lines[0].split()[-1]) < 35
     assert lines[1] == "query 42", out.stdout
 
 
