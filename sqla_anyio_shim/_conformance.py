@@ -87,9 +87,7 @@ class RunResult:
 def _cache_dir(args: argparse.Namespace) -> Path:
     if args.cache:
         return Path(args.cache)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache"
-    )
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "sqla-anyio-shim"
 
 
@@ -99,9 +97,7 @@ def _installed_sqlalchemy_version() -> str:
     try:
         return version("sqlalchemy")
     except PackageNotFoundError:
-        raise SystemExit(
-            "SQLAlchemy is not installed; pass --sqlalchemy VERSION"
-        ) from None
+        raise SystemExit("SQLAlchemy is not installed; pass --sqlalchemy VERSION") from None
 
 
 def _run(cmd: Sequence[str], **kw: object) -> None:
@@ -118,8 +114,17 @@ def fetch_sdist(version: str, cache: Path) -> Path:
     download.mkdir(parents=True, exist_ok=True)
     _run(
         [
-            sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-            "--no-binary", ":all:", f"sqlalchemy=={version}", "-d", str(download),
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"sqlalchemy=={version}",
+            "-d",
+            str(download),
         ]
     )
     archives = sorted(download.glob(f"[sS][qQ][lL][aA]lchemy-{version}.tar.gz"))
@@ -138,9 +143,9 @@ def _venv_python(path: Path) -> Path:
 
 def _driver_of(args: argparse.Namespace) -> str:
     if args.dburi:
-        scheme = args.dburi.split("://", 1)[0]
+        scheme = str(args.dburi).split("://", 1)[0]
         return scheme.split("+", 1)[1] if "+" in scheme else scheme
-    return args.db
+    return str(args.db)
 
 
 def _pip_install(python: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -159,22 +164,30 @@ def _greenlet_on_free_threaded(python: Path) -> list[str]:
     proc = _pip_install(python, "--upgrade", "greenlet")
     if proc.returncode != 0:
         out = proc.stdout + proc.stderr
-        version = re.search(r"greenlet-(\d[\w.]*?)\.tar\.gz", out)
+        tried = re.search(r"greenlet-(\d[\w.]*?)\.tar\.gz", out)
         error = re.search(r"^\s*(\S+:\d+:\d+: (?:fatal )?error: .*)$", out, re.M)
+        reason = error.group(1).strip() if error else out.strip().splitlines()[-1]
         remarks.append(
-            f"greenlet {version.group(1) if version else '(newest)'}: the build "
-            f"from source failed: {error.group(1).strip() if error else out.strip().splitlines()[-1]}"
+            f"greenlet {tried.group(1) if tried else '(newest)'}: the build "
+            f"from source failed: {reason}"
         )
         proc = _pip_install(python, "--upgrade", "--only-binary=greenlet", "greenlet")
         if proc.returncode != 0:
-            remarks.append("no greenlet wheel for this interpreter either: greenlet cannot be installed")
+            remarks.append(
+                "no greenlet wheel for this interpreter either: greenlet cannot be installed"
+            )
             return remarks
     probe = subprocess.run(
         [
-            str(python), "-W", "always::RuntimeWarning", "-c",
+            str(python),
+            "-W",
+            "always::RuntimeWarning",
+            "-c",
             "import sys, greenlet; print(greenlet.__version__, sys._is_gil_enabled())",
         ],
-        capture_output=True, text=True, errors="replace",
+        capture_output=True,
+        text=True,
+        errors="replace",
     )
     if probe.returncode != 0:
         remarks.append(
@@ -186,10 +199,10 @@ def _greenlet_on_free_threaded(python: Path) -> list[str]:
     how = "installed" if not remarks else "installed instead (newest wheel for this interpreter)"
     remarks.append(f"greenlet {version} {how}")
     if gil == "True":
-        module = re.search(r"to load module '([^']+)'", probe.stderr)
+        found = re.search(r"to load module '([^']+)'", probe.stderr)
         remarks.append(
             f"importing greenlet {version} re-enabled the GIL "
-            f"(CPython: module {module.group(1) if module else '?'!r} has not declared "
+            f"(CPython: module {found.group(1) if found else '?'!r} has not declared "
             "that it can run without the GIL): the greenlet run below runs with the GIL"
         )
     else:
@@ -205,7 +218,7 @@ def make_env(
     py = f"{sys.version_info[0]}.{sys.version_info[1]}{getattr(sys, 'abiflags', '')}"
     env = cache / "venvs" / f"{kind}-sa{version}-{driver}-py{py}"
     python = _venv_python(env)
-    requirements = [f"sqlalchemy=={version}", "pytest"] + driver_requirements(driver)
+    requirements = [f"sqlalchemy=={version}", "pytest", *driver_requirements(driver)]
     greenlet_apart = kind == "greenlet" and FREE_THREADED
     if kind == "greenlet" and not FREE_THREADED:
         requirements.append("greenlet")
@@ -232,16 +245,25 @@ def make_env(
     if kind == "shim":
         if project is None:
             raise SystemExit("cannot find the sqla-anyio-shim project to install")
-        _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(project)])
+        _run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--force-reinstall",
+                str(project),
+            ]
+        )
         _run([str(python), "-m", "pip", "install", "-q", "anyio>=4"])
         # SQLAlchemy wheels pull greenlet in on common platforms: remove it
         subprocess.run(
             [str(python), "-m", "pip", "uninstall", "-q", "-y", "greenlet"],
             check=False,
         )
-        probe = subprocess.run(
-            [str(python), "-c", "import greenlet"], capture_output=True
-        )
+        probe = subprocess.run([str(python), "-c", "import greenlet"], capture_output=True)
         if probe.returncode == 0:
             raise SystemExit(f"greenlet is still importable in {env}")
         print("   greenlet is not importable in the shim environment", flush=True)
@@ -258,9 +280,7 @@ def _project_dir() -> Path | None:
 def test_paths(version: str) -> list[str]:
     line = tuple(int(p) for p in version.split(".")[:2])
     concurrency = (
-        "test/base/test_concurrency_py3k.py"
-        if line < (2, 1)
-        else "test/base/test_concurrency.py"
+        "test/base/test_concurrency_py3k.py" if line < (2, 1) else "test/base/test_concurrency.py"
     )
     return ["test/ext/asyncio", concurrency]
 
@@ -287,9 +307,8 @@ def _crash_remark(code: int, tail: Sequence[str]) -> str:
         if m
     )
     fatal = next((t.strip() for t in tail if t.startswith("Fatal Python error")), "")
-    return (
-        f"the run crashed: killed by {name} (exit status {code}) after about "
-        f"{done} test(s)" + (f"; {fatal}" if fatal else "")
+    return f"the run crashed: killed by {name} (exit status {code}) after about {done} test(s)" + (
+        f"; {fatal}" if fatal else ""
     )
 
 
@@ -308,8 +327,17 @@ def run_suite(
     if junit.exists():
         junit.unlink()
     cmd = [
-        str(_venv_python(env)), "-m", "pytest", "-p", "no:cacheprovider",
-        "-q", "-rfE", f"--junitxml={junit}", *test_paths(version), *db_args, *extra,
+        str(_venv_python(env)),
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rfE",
+        f"--junitxml={junit}",
+        *test_paths(version),
+        *db_args,
+        *extra,
     ]
     if shim:
         cmd[3:3] = ["-p", "sqla_anyio_shim.pytest_plugin"]
@@ -330,8 +358,13 @@ def run_suite(
     start = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=300)
     proc = subprocess.Popen(
-        cmd, cwd=tree, env=environ, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, errors="replace",
+        cmd,
+        cwd=tree,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
     )
     reader = threading.Thread(target=_tee, args=(proc, tail), daemon=True)
     reader.start()
@@ -351,7 +384,8 @@ def run_suite(
         verdict_line = gil_report.read_text().strip() if gil_report.exists() else ""
         if not verdict_line or verdict_line.startswith("GIL CHECK FAILED"):
             result.note = result.note or (
-                verdict_line or "GIL CHECK FAILED: the run ended without the GIL "
+                verdict_line
+                or "GIL CHECK FAILED: the run ended without the GIL "
                 "guard's verdict (see the output above: an import may have "
                 "switched the GIL on)"
             )
@@ -402,8 +436,7 @@ def print_table(rows: list[RunResult]) -> None:
             print(f"{r.label:<28}{'not run (see below)':>42}")
             continue
         print(
-            f"{r.label:<28}{r.passed:>8}{r.failed:>8}{r.errors:>8}"
-            f"{r.skipped:>9}{r.seconds:>8.1f}s"
+            f"{r.label:<28}{r.passed:>8}{r.failed:>8}{r.errors:>8}{r.skipped:>9}{r.seconds:>8.1f}s"
         )
 
 
@@ -432,8 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         "(greenlet absent) and on greenlet, and compare.",
     )
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--db", default="aiosqlite", help="SQLAlchemy --db name (default aiosqlite)")
-    target.add_argument("--dburi", help="SQLAlchemy --dburi, e.g. postgresql+asyncpg://user@127.0.0.1/test")
+    target.add_argument(
+        "--db", default="aiosqlite", help="SQLAlchemy --db name (default aiosqlite)"
+    )
+    target.add_argument(
+        "--dburi", help="SQLAlchemy --dburi, e.g. postgresql+asyncpg://user@127.0.0.1/test"
+    )
     parser.add_argument("--sqlalchemy", help="SQLAlchemy version (default: the installed one)")
     parser.add_argument("--cache", help="cache directory for sdists and environments")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per suite run")
@@ -506,7 +543,11 @@ def main(argv: list[str] | None = None) -> int:
         problems = (
             verdict(row, greenlet_row)
             if greenlet_row is not None
-            else ([f"{row.failed} failed, {row.errors} errors"] if row.failed or row.errors or row.note else [])
+            else (
+                [f"{row.failed} failed, {row.errors} errors"]
+                if row.failed or row.errors or row.note
+                else []
+            )
         )
         if row.note and greenlet_row is None:
             problems.append(row.note)

@@ -164,9 +164,7 @@ class GilGuard:
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.started:
-            terminalreporter.write_line(
-                self.summary(), red=self.problem() is not None, bold=True
-            )
+            terminalreporter.write_line(self.summary(), red=self.problem() is not None, bold=True)
 
 
 gil_guard = GilGuard()
@@ -216,8 +214,7 @@ def _bridge_await_points(cancel_at: Any = ()) -> Iterator[Any]:
 
 
 def _adapt_harness() -> None:
-    from sqlalchemy.testing import asyncio as _test_asyncio
-    from sqlalchemy.testing import exclusions
+    from sqlalchemy.testing import asyncio as _test_asyncio, exclusions
     from sqlalchemy.testing.requirements import SuiteRequirements
 
     def greenlet(self: Any) -> Any:
@@ -229,8 +226,8 @@ def _adapt_harness() -> None:
     def no_greenlet(self: Any) -> Any:
         return exclusions.closed()
 
-    SuiteRequirements.greenlet = property(greenlet)  # type: ignore
-    SuiteRequirements.no_greenlet = property(no_greenlet)  # type: ignore
+    SuiteRequirements.greenlet = property(greenlet)  # type: ignore[method-assign, assignment]
+    SuiteRequirements.no_greenlet = property(no_greenlet)  # type: ignore[method-assign, assignment]
     try:
         from sqlalchemy.testing import cancellation
     except ImportError:
@@ -240,9 +237,7 @@ def _adapt_harness() -> None:
 
 
 def pytest_configure(config: Any) -> None:
-    config.addinivalue_line(
-        "markers", "sqla_anyio_shim_greenlet_internal: see docs/conformance.md"
-    )
+    config.addinivalue_line("markers", "sqla_anyio_shim_greenlet_internal: see docs/conformance.md")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -259,7 +254,5 @@ def pytest_collection_modifyitems(session: Any, config: Any, items: Any) -> None
         for fragment, reason in GREENLET_INTERNAL_TESTS.items():
             if fragment in item.nodeid:
                 item.add_marker(
-                    pytest.mark.skip(
-                        reason=f"greenlet internals (sqla-anyio-shim): {reason}"
-                    )
+                    pytest.mark.skip(reason=f"greenlet internals (sqla-anyio-shim): {reason}")
                 )

@@ -8,7 +8,8 @@ import gc
 import importlib.util
 import os
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import pytest
 
@@ -23,7 +23,9 @@ from sqla_anyio_shim.pytest_plugin import FREE_THREADED
 
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.skipif(not FREE_THREADED, reason="only free-threaded builds have a GIL to keep off"),
+    pytest.mark.skipif(
+        not FREE_THREADED, reason="only free-threaded builds have a GIL to keep off"
+    ),
 ]
 
 CULPRIT = "_testmultiphase_null_slots"
@@ -43,7 +45,7 @@ def _extension_without_gil_slot(tmp_path: Path) -> Path:
     return site
 
 
-def _run(tmp_path: Path, body: str, python_flags: List[str]) -> "subprocess.CompletedProcess[str]":
+def _run(tmp_path: Path, body: str, python_flags: list[str]) -> subprocess.CompletedProcess[str]:
     site = _extension_without_gil_slot(tmp_path)
     (tmp_path / "test_probe.py").write_text(f"def test_probe():\n    {body}\n")
     env = dict(os.environ, PYTHONPATH=str(site))
@@ -51,11 +53,22 @@ def _run(tmp_path: Path, body: str, python_flags: List[str]) -> "subprocess.Comp
     env.pop("PYTHONWARNINGS", None)
     return subprocess.run(
         [
-            sys.executable, *python_flags, "-m", "pytest", "-p", "no:cacheprovider",
-            "-p", "sqla_anyio_shim.pytest_plugin", "-q",
+            sys.executable,
+            *python_flags,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "sqla_anyio_shim.pytest_plugin",
+            "-q",
             str(tmp_path / "test_probe.py"),
         ],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
     )
 
 
@@ -69,7 +82,9 @@ def test_import_that_enables_the_gil_fails_the_run(tmp_path: Path) -> None:
 
 
 def test_warning_filter_fails_the_import_itself(tmp_path: Path) -> None:
-    proc = _run(tmp_path, f"import {CULPRIT}", ["-W", "error:The global interpreter lock:RuntimeWarning"])
+    proc = _run(
+        tmp_path, f"import {CULPRIT}", ["-W", "error:The global interpreter lock:RuntimeWarning"]
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert "1 failed" in out, out

@@ -40,7 +40,9 @@ MAX_TIMEOUT = 1.5
 pytestmark = [pytest.mark.anyio]
 
 
-@pytest.fixture(params=[pytest.param(("asyncio", {}), id="asyncio"), pytest.param(("trio", {}), id="trio")])
+@pytest.fixture(
+    params=[pytest.param(("asyncio", {}), id="asyncio"), pytest.param(("trio", {}), id="trio")]
+)
 def anyio_backend(request: Any) -> Any:
     # asyncio and trio only: uvloop adds a third of the run time and no
     # thread of its own (the rest of the suite covers it)
