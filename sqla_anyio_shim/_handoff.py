@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import sys
 import threading
 import time
 import weakref
@@ -56,12 +55,14 @@ await_hook: Callable[[Any], Any] | None = None
 handoff_timeout = 0.002
 
 #: Whether a host stops blocking its loop on its worker while other calls
-#: are in flight on the same loop.  With the GIL only one thread runs
-#: Python at a time, so blocking the loop costs no parallelism and saves the
-#: switches of waking the loop (measured: 100 tasks, 0.75x greenlet blocking
-#: against 0.54x not blocking); without the GIL it would keep every other
-#: call's worker waiting for this one, so the loop keeps serving them.
-_ADAPTIVE = not getattr(sys, "_is_gil_enabled", lambda: True)()
+#: are in flight on the same loop (letting the sync code of several tasks run
+#: in parallel on a free-threaded build).  Off: measured on 3.14t, it breaks
+#: what greenlet guarantees between two await points -- that no other task's
+#: sync code runs meanwhile -- and SQLAlchemy's own suite relies on it
+#: (test_pool_classes[StaticPool]: 10 tasks sharing one connection failed 5
+#: of 6 runs with crossed adapter state, 0 of 6 with it off).  With the GIL it
+#: also lost throughput (hop microbenchmark, 100 tasks: 0.54x against 0.75x).
+_ADAPTIVE = False
 
 #: A call whose sync code holds the event loop longer than this, in one
 #: stretch (the host blocking its thread on the worker while the sync code

@@ -28,6 +28,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
+import threading
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -274,17 +275,22 @@ async def test_concurrent_transactions(db: DB, table: sa.Table) -> None:
     engine = db.engine(pool_size=POOL_SIZE, max_overflow=0, pool_timeout=30)
     out = 0
     peak = 0
+    # the listeners run in several worker threads at once: without the GIL
+    # (free-threaded builds) += is not atomic
+    counting = threading.Lock()
 
     @sa.event.listens_for(engine.sync_engine, "checkout")
     def on_checkout(*args: Any) -> None:
         nonlocal out, peak
-        out += 1
-        peak = max(peak, out)
+        with counting:
+            out += 1
+            peak = max(peak, out)
 
     @sa.event.listens_for(engine.sync_engine, "checkin")
     def on_checkin(*args: Any) -> None:
         nonlocal out
-        out -= 1
+        with counting:
+            out -= 1
 
     class Rollback(Exception):
         pass
