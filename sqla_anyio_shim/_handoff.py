@@ -583,6 +583,27 @@ def _inject(call: _Call, exc_type: type) -> None:
             _set_async_exc(_c_thread_id(call.thread_id), _py_object(exc_type))
 
 
+#: returned by _next_message when the message was answered already
+_ANSWERED = object()
+
+
+def _next_message(call: _Call) -> Any:
+    """Take the worker's message (both backends): ``_DONE``, an awaitable to
+    serve, or ``_ANSWERED`` -- Ctrl-C hit the host while the sync code ran,
+    so the sync code gets the interrupt at this await_() instead (if the
+    injected one has not landed yet), runs its cleanup, and the interrupt
+    propagates."""
+    message = call.take()
+    if message is _DONE:
+        call.finished = True
+        return _DONE
+    if call.interrupt is not None:
+        _safe_close(message)
+        call.send(None, call.interrupt)
+        return _ANSWERED
+    return message
+
+
 async def _serve(call: _Call, awaitable: Any) -> None:
     """Await one awaitable for the worker, in the host task, and send the
     outcome back (both backends)."""

@@ -9,6 +9,7 @@ from typing import Any
 
 from . import _handoff
 from ._handoff import (
+    _ANSWERED,
     _DONE,
     _abandon,
     _acquire_blocking,
@@ -17,7 +18,7 @@ from ._handoff import (
     _finish,
     _inject,
     _Mailbox,
-    _safe_close,
+    _next_message,
     _serve,
 )
 
@@ -90,18 +91,11 @@ async def _host_loop_asyncio(
                     cancelled = err
                     call.cancel_count = _cancelling(call.task)
             call.async_waiting = False
-        awaitable = call.take()
+        awaitable = _next_message(call)
         if awaitable is _DONE:
-            call.finished = True
             break
         switched = True
-        if call.interrupt is not None:
-            # Ctrl-C hit the host while the sync code ran: the sync code
-            # sees it at this await_() (if the injected one has not
-            # landed yet), runs its cleanup, and the interrupt propagates
-            _safe_close(awaitable)
-            call.send(None, call.interrupt)
-            del awaitable
+        if awaitable is _ANSWERED:
             continue
         if cancelled is not None:
             # deliver the cancellation that arrived while the sync code ran

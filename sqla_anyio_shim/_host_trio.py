@@ -11,6 +11,7 @@ from typing import Any
 
 from . import _handoff, _workers
 from ._handoff import (
+    _ANSWERED,
     _DONE,
     _abandon,
     _acquire_blocking,
@@ -20,7 +21,7 @@ from ._handoff import (
     _finish,
     _Mailbox,
     _mailbox_for,
-    _safe_close,
+    _next_message,
     _serve,
 )
 
@@ -101,15 +102,11 @@ async def _host_loop_trio(call: _Call, mailbox: _Mailbox, require_await: bool) -
                 call.waiter = task
                 await wait(_abort_failed)
             call.async_waiting = False
-        awaitable = call.take()
+        awaitable = _next_message(call)
         if awaitable is _DONE:
-            call.finished = True
             break
         switched = True
-        if call.interrupt is not None:
-            _safe_close(awaitable)
-            call.send(None, call.interrupt)
-            del awaitable
+        if awaitable is _ANSWERED:
             continue
         await _serve(call, awaitable)
         del awaitable
