@@ -500,6 +500,31 @@ def _abandon(call: _Call) -> None:
     call.send(None, HostGone(HOST_GONE_MESSAGE))
 
 
+#: How long the host may block for the worker's *first* message.  The
+#: worker has just been woken, and on a busy machine a thread wake-up alone
+#: can take longer than ``handoff_timeout``; past it the call would fall back
+#: to the loop before its sync code even started, and the loop would run
+#: other tasks where greenlet runs none (SQLAlchemy's test #13749 -- a queue
+#: wait that must be registered before the task's next loop iteration --
+#: failed so under load on 3.13t).  20 ms: the fairness bound of issue 10.
+FIRST_HANDOFF_BOUND = 0.02
+
+
+def _wait_bound(mailbox: _Mailbox, first: bool) -> float:
+    """How long the host blocks its loop for the worker's next message (-1:
+    no bound, 0: not at all)."""
+    timeout = handoff_timeout
+    if timeout < 0:
+        return -1.0
+    if _ADAPTIVE and mailbox.active > 1:
+        # other calls in flight: do not block the loop on this worker (off:
+        # see _ADAPTIVE)
+        return 0.0
+    if first and timeout > 0:
+        return max(timeout, FIRST_HANDOFF_BOUND)
+    return timeout
+
+
 def _acquire_blocking(call: _Call, channel: Any, timeout: float) -> bool:
     """Wait for the worker's next message blocking this thread, for at most
     ``handoff_timeout``.

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from . import _handoff
 from ._handoff import (
     _ANSWERED,
     _DONE,
@@ -20,6 +19,7 @@ from ._handoff import (
     _Mailbox,
     _next_message,
     _serve,
+    _wait_bound,
 )
 
 _CancelledError = asyncio.CancelledError
@@ -45,16 +45,10 @@ async def _host_loop_asyncio(
 ) -> Any:
     switched = False
     cancelled: BaseException | None = None
+    first = True
     while True:
-        if _handoff.handoff_timeout < 0:
-            timeout = -1.0
-        elif _handoff._ADAPTIVE and mailbox.active > 1:
-            # other calls in flight and no GIL: do not block the loop on
-            # this worker; the loop serves the others meanwhile and their
-            # workers run in parallel with this one
-            timeout = 0.0
-        else:
-            timeout = _handoff.handoff_timeout
+        timeout = _wait_bound(mailbox, first)
+        first = False
         if not _acquire_blocking(call, channel, timeout):
             # the sync code runs longer than a hand-off: let the loop run
             _end_stretch(call)

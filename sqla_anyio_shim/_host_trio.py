@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import _handoff, _workers
+from . import _workers
 from ._handoff import (
     _ANSWERED,
     _DONE,
@@ -23,6 +23,7 @@ from ._handoff import (
     _mailbox_for,
     _next_message,
     _serve,
+    _wait_bound,
 )
 
 
@@ -88,13 +89,10 @@ async def _host_loop_trio(call: _Call, mailbox: _Mailbox, require_await: bool) -
     wait = trio.lowlevel.wait_task_rescheduled
     channel = call.channel
     switched = False
+    first = True
     while True:
-        if _handoff.handoff_timeout < 0:
-            timeout = -1.0
-        elif _handoff._ADAPTIVE and mailbox.active > 1:
-            timeout = 0.0  # other calls in flight: see _host_loop_asyncio
-        else:
-            timeout = _handoff.handoff_timeout
+        timeout = _wait_bound(mailbox, first)
+        first = False
         if not _acquire_blocking(call, channel, timeout):
             _end_stretch(call)
             call.async_waiting = True
