@@ -25,14 +25,13 @@ from ._handoff import (  # re-exported for _patching, _primitives and stats()
     HOST_GONE_MESSAGE as HOST_GONE_MESSAGE,
     HostGone as HostGone,
     _Call as _Call,
-    _count_call as _count_call,
-    _end_stretch as _end_stretch,
     _exc as _exc,
     _local as _local,
-    _mailbox_for as _mailbox_for,
+    _mailbox_for,
     _safe_close as _safe_close,
     call_stats as call_stats,
     reset_longest_hold as reset_longest_hold,
+    run_call,
 )
 from ._loop_proxy import _OnLoop
 from ._waiters import _Waiter
@@ -141,17 +140,7 @@ async def greenlet_spawn(
         mailbox = _mailbox_for(loop, loop.call_soon_threadsafe)
         call = _Call(fn, args, kwargs, mailbox, loop)
         call.task = _current_task(loop)
-        call.worker = worker
-        mailbox.active += 1
-        _count_call(1)
-        try:
-            worker.submit(call.run)
-            return cast(_T, await _host_asyncio.drive(call, loop, _require_await))
-        finally:
-            mailbox.active -= 1
-            _count_call(-1)
-            _end_stretch(call)
-            call.release_channel()
+        return cast(_T, await run_call(call, worker, _host_asyncio.drive, loop, _require_await))
     return cast(_T, await _host_trio.spawn(fn, args, kwargs, _require_await, _wait_for_worker))
 
 

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from . import _channel, _workers
@@ -54,15 +54,6 @@ await_hook: Callable[[Any], Any] | None = None
 #: (-1: no bound, the loop is blocked until the next await point).
 handoff_timeout = 0.002
 
-#: Whether a host stops blocking its loop on its worker while other calls
-#: are in flight on the same loop (letting the sync code of several tasks run
-#: in parallel on a free-threaded build).  Off: measured on 3.14t, it breaks
-#: what greenlet guarantees between two await points -- that no other task's
-#: sync code runs meanwhile -- and SQLAlchemy's own suite relies on it
-#: (test_pool_classes[StaticPool]: 10 tasks sharing one connection failed 5
-#: of 6 runs with crossed adapter state, 0 of 6 with it off).  With the GIL it
-#: also lost throughput (hop microbenchmark, 100 tasks: 0.54x against 0.75x).
-_ADAPTIVE = False
 
 #: A call whose sync code holds the event loop longer than this, in one
 #: stretch (the host blocking its thread on the worker while the sync code
@@ -237,8 +228,9 @@ class _Call:
         self.host_gone = False
         # host and worker each release the channel once (release_channel)
         self.owners = 2
-        # True while the host waits through the event loop rather than on
-        # ``ready``: the worker must then also post a wake-up to the loop
+        # True while the host waits through the event loop rather than
+        # blocked on the channel: the worker must then also post a wake-up
+        # to the loop
         self.async_waiting = False
         self.waiter: Any = None
         self.mailbox = mailbox
@@ -308,9 +300,9 @@ class _Call:
     def deliver(self, message: Any) -> None:
         self.outbox = message
         self.channel.signal_host()
-        # read *after* the release: if the host switched to waiting through
+        # read *after* the signal: if the host switched to waiting through
         # the loop before this read, it gets a wake-up; if after, its own
-        # non-blocking acquire of ``ready`` sees the release
+        # non-blocking take_message() sees the signal
         if self.async_waiting:
             self.mailbox.post(self)
 
@@ -390,18 +382,15 @@ class _Mailbox:
     ``select()``.  Under load many workers finish a stretch of sync code
     while the loop thread is busy or asleep; they all go in one list here
     and only the first schedules a drain, which wakes every host at once,
-    in the order their messages arrived.  Also counts the calls in flight
-    on this loop (loop thread only), which decides whether a host may block
-    the loop waiting for its worker (see _drive_asyncio)."""
+    in the order their messages arrived."""
 
-    __slots__ = ("__weakref__", "_calls", "_lock", "_schedule", "_scheduled", "active")
+    __slots__ = ("__weakref__", "_calls", "_lock", "_schedule", "_scheduled")
 
     def __init__(self, schedule: Callable[[Callable[[], None]], Any]) -> None:
         self._lock = threading.Lock()
         self._calls: list[_Call] = []
         self._scheduled = False
         self._schedule = schedule
-        self.active = 0
 
     def post(self, call: _Call) -> None:
         """Called by a worker thread: wake ``call``'s host."""
@@ -414,7 +403,7 @@ class _Mailbox:
             self._schedule(self._drain)
         except RuntimeError:
             # the loop is closed: nobody is left to wake (the host's
-            # coroutine is closed with it; see _drive_asyncio)
+            # coroutine is closed with it; see _abandon)
             with self._lock:
                 self._calls.clear()
                 self._scheduled = False
@@ -510,19 +499,42 @@ def _abandon(call: _Call) -> None:
 FIRST_HANDOFF_BOUND = 0.02
 
 
-def _wait_bound(mailbox: _Mailbox, first: bool) -> float:
+def _wait_bound(first: bool) -> float:
     """How long the host blocks its loop for the worker's next message (-1:
-    no bound, 0: not at all)."""
+    no bound, 0: not at all).
+
+    The host blocks on every build.  Not blocking while other calls are in
+    flight -- the way to run several tasks' sync code on several cores of a
+    free-threaded build -- was tried and dropped: it breaks what greenlet
+    guarantees between two await points (that no other task's sync code
+    runs meanwhile), which SQLAlchemy's own suite relies on
+    (test_pool_classes[StaticPool]: 10 tasks on one connection failed 5 of 6
+    runs on 3.14t), and with the GIL it lost throughput (hop
+    microbenchmark, 100 tasks: 0.54x greenlet against 0.75x blocking)."""
     timeout = handoff_timeout
-    if timeout < 0:
-        return -1.0
-    if _ADAPTIVE and mailbox.active > 1:
-        # other calls in flight: do not block the loop on this worker (off:
-        # see _ADAPTIVE)
-        return 0.0
     if first and timeout > 0:
         return max(timeout, FIRST_HANDOFF_BOUND)
     return timeout
+
+
+async def run_call(
+    call: _Call, worker: Any, host_loop: Callable[..., Awaitable[Any]], *args: Any
+) -> Any:
+    """Start ``call`` on ``worker`` and serve it with ``host_loop(call,
+    *args)`` (one backend's host loop); the bookkeeping around a call, for
+    both backends."""
+    call.worker = worker
+    _count_call(1)
+    try:
+        worker.submit(call.run)
+        return await host_loop(call, *args)
+    except GeneratorExit:
+        _abandon(call)
+        raise
+    finally:
+        _count_call(-1)
+        _end_stretch(call)
+        call.release_channel()
 
 
 def _acquire_blocking(call: _Call, channel: Any, timeout: float) -> bool:

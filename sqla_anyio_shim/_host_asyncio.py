@@ -10,13 +10,11 @@ from typing import Any
 from ._handoff import (
     _ANSWERED,
     _DONE,
-    _abandon,
     _acquire_blocking,
     _Call,
     _end_stretch,
     _finish,
     _inject,
-    _Mailbox,
     _next_message,
     _serve,
     _wait_bound,
@@ -28,26 +26,11 @@ _CancelledError = asyncio.CancelledError
 async def drive(call: _Call, loop: asyncio.AbstractEventLoop, require_await: bool) -> Any:
     """Serve ``call`` until its sync code has finished; its outcome."""
     channel = call.channel
-    mailbox = call.mailbox
-    try:
-        return await _host_loop_asyncio(call, loop, require_await, channel, mailbox)
-    except GeneratorExit:
-        _abandon(call)
-        raise
-
-
-async def _host_loop_asyncio(
-    call: _Call,
-    loop: asyncio.AbstractEventLoop,
-    require_await: bool,
-    channel: Any,
-    mailbox: _Mailbox,
-) -> Any:
     switched = False
     cancelled: BaseException | None = None
     first = True
     while True:
-        timeout = _wait_bound(mailbox, first)
+        timeout = _wait_bound(first)
         first = False
         if not _acquire_blocking(call, channel, timeout):
             # the sync code runs longer than a hand-off: let the loop run

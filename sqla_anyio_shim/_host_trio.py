@@ -13,17 +13,15 @@ from . import _workers
 from ._handoff import (
     _ANSWERED,
     _DONE,
-    _abandon,
     _acquire_blocking,
     _Call,
-    _count_call,
     _end_stretch,
     _finish,
-    _Mailbox,
     _mailbox_for,
     _next_message,
     _serve,
     _wait_bound,
+    run_call,
 )
 
 
@@ -66,23 +64,10 @@ async def spawn(
         worker = await wait_for_worker()
     mailbox = _mailbox_for(token, token.run_sync_soon)
     call = _Call(fn, args, kwargs, mailbox, None)
-    call.worker = worker
-    mailbox.active += 1
-    _count_call(1)
-    try:
-        worker.submit(call.run)
-        return await _host_loop_trio(call, mailbox, require_await)
-    except GeneratorExit:
-        _abandon(call)
-        raise
-    finally:
-        mailbox.active -= 1
-        _count_call(-1)
-        _end_stretch(call)
-        call.release_channel()
+    return await run_call(call, worker, _host_loop_trio, require_await)
 
 
-async def _host_loop_trio(call: _Call, mailbox: _Mailbox, require_await: bool) -> Any:
+async def _host_loop_trio(call: _Call, require_await: bool) -> Any:
     import trio
 
     task = trio.lowlevel.current_task()
@@ -91,7 +76,7 @@ async def _host_loop_trio(call: _Call, mailbox: _Mailbox, require_await: bool) -
     switched = False
     first = True
     while True:
-        timeout = _wait_bound(mailbox, first)
+        timeout = _wait_bound(first)
         first = False
         if not _acquire_blocking(call, channel, timeout):
             _end_stretch(call)
