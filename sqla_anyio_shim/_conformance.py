@@ -400,10 +400,10 @@ def run_suite(
         children = {child.tag: child for child in case}
         if "failure" in children:
             result.failed += 1
-            result.failures.append(name)
+            result.failures.append(name + _failure_summary(children["failure"]))
         elif "error" in children:
             result.errors += 1
-            result.failures.append(name + " (error)")
+            result.failures.append(name + " (error)" + _failure_summary(children["error"]))
         elif "skipped" in children:
             result.skipped += 1
             if INTERNAL_MARK in (children["skipped"].get("message") or ""):
@@ -411,6 +411,15 @@ def run_suite(
         else:
             result.passed += 1
     return result
+
+
+def _failure_summary(element: ET.Element, lines: int = 25) -> str:
+    """The end of a failure's report, indented, so that the summary printed
+    last (what a CI log keeps) says why a test failed, not only which."""
+    text = (element.text or element.get("message") or "").strip().splitlines()
+    if not text:
+        return ""
+    return "\n" + "\n".join("        " + line for line in text[-lines:])
 
 
 def verdict(shim: RunResult, greenlet: RunResult) -> list[str]:

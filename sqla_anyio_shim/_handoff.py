@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from . import _channel, _workers
+from . import _async_raise, _channel, _workers
 from ._loop_proxy import _LoopProxy, _OnLoop
 
 _perf_counter = time.perf_counter
@@ -283,7 +283,7 @@ class _Call:
             self.user_running = False
             if self.injected:
                 self.injected = False
-                _set_async_exc(_c_thread_id(self.thread_id), None)
+                _async_raise.withdraw(self.thread_id)
 
     def release_channel(self) -> None:
         """Called once by the host (when greenlet_spawn() ends, however it
@@ -597,27 +597,17 @@ def _end_stretch(call: _Call) -> None:
         )
 
 
-try:
-    import ctypes
-
-    _set_async_exc: Any = ctypes.pythonapi.PyThreadState_SetAsyncExc
-    _c_thread_id = ctypes.c_ulong
-    _py_object = ctypes.py_object
-except (ImportError, AttributeError):  # pragma: no cover -- not CPython
-    _set_async_exc = None
-
-
 def _inject(call: _Call, exc_type: type) -> None:
     """Raise ``exc_type`` in the worker at its next bytecode, if it is
     running the caller's sync code (never inside the bridge's own code:
     see _Call.enter_user / leave_user), as a signal raises in whatever
     Python code greenlet's loop thread is running."""
-    if _set_async_exc is None:
+    if not _async_raise.available():
         return
     with call.state:
         if call.user_running and not call.injected:
             call.injected = True
-            _set_async_exc(_c_thread_id(call.thread_id), _py_object(exc_type))
+            _async_raise.raise_in_thread(call.thread_id, exc_type)
 
 
 #: returned by _next_message when the message was answered already
