@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import _bridge, _handoff, _patching, _workers
+from . import _admission, _bridge, _handoff, _patching, _workers
 from ._patching import UnsupportedSQLAlchemyVersion as UnsupportedSQLAlchemyVersion
 
 __all__ = [
@@ -43,6 +43,7 @@ def install(
     sync_drivers: bool = False,
     handoff_timeout: float | None = 0.002,
     slow_call_warning: float | None = 0.1,
+    max_pool_waiters: int | None = 64,
 ) -> None:
     """Replace SQLAlchemy's greenlet helpers with the thread bridge.
 
@@ -73,6 +74,16 @@ def install(
     :param slow_call_warning: seconds; a call whose sync code keeps the
         event loop blocked longer than this in one stretch is logged at
         WARNING on the ``sqla_anyio_shim`` logger (``None``: never).
+    :param max_pool_waiters: calls that may be at the connection pool at
+        once (started and not yet past it: waiting in its queue, or not yet
+        at their first other await point).  Beyond it a new
+        ``greenlet_spawn()`` waits in the event loop, without a thread,
+        until one of them is past the pool; calls working on a checked-out
+        connection always pass, so the tasks that would return one are
+        never held up.  Under greenlet a task waiting for a connection costs
+        a small stack; here a thread.  Calls past the pool (running
+        queries) are not counted.  ``None``: no bound (a thread per waiting
+        task).
     :raises UnsupportedSQLAlchemyVersion: SQLAlchemy is not 2.0.x or 2.1.x.
     """
     if handoff_timeout is not None and (
@@ -88,6 +99,14 @@ def install(
             "slow_call_warning must be a positive number of seconds or None, "
             f"got {slow_call_warning!r}"
         )
+    if max_pool_waiters is not None and (
+        not isinstance(max_pool_waiters, int)
+        or isinstance(max_pool_waiters, bool)
+        or max_pool_waiters < 1
+    ):
+        raise ValueError(
+            f"max_pool_waiters must be a positive int or None, got {max_pool_waiters!r}"
+        )
     _workers.pool.configure(
         max_workers=max_workers,
         idle_timeout=idle_timeout,
@@ -97,6 +116,7 @@ def install(
     # threading.Lock.acquire(True, -1) waits without a bound
     _handoff.handoff_timeout = -1 if handoff_timeout is None else handoff_timeout
     _handoff.slow_hold_threshold = slow_call_warning
+    _admission.limit = max_pool_waiters
 
 
 def uninstall() -> None:
@@ -127,6 +147,12 @@ class Stats:
     #: blocked (its host waiting on it from one await point to the next)
     #: since start-up or the last ``stats(reset=True)``
     longest_loop_hold: float
+    #: calls not yet past the pool (started, or waiting in its queue for a
+    #: connection): at most ``max_pool_waiters``
+    calls_at_pool: int = 0
+    #: calls waiting in the event loop, without a thread, because
+    #: ``max_pool_waiters`` calls are at the pool already
+    calls_waiting_admission: int = 0
 
 
 def stats(*, reset: bool = False) -> Stats:
@@ -135,6 +161,7 @@ def stats(*, reset: bool = False) -> Stats:
     longest-hold measurement afresh after reading it."""
     pool = _workers.pool.stats()
     calls = _bridge.call_stats()
+    gate = _admission.gate_stats()
     if reset:
         _bridge.reset_longest_hold()
     return Stats(
@@ -144,4 +171,6 @@ def stats(*, reset: bool = False) -> Stats:
         workers_waiting=pool.waiters,
         calls_in_flight=int(calls["calls_in_flight"]),
         longest_loop_hold=float(calls["longest_loop_hold"]),
+        calls_at_pool=gate["occupied"],
+        calls_waiting_admission=gate["waiting"],
     )

@@ -19,7 +19,7 @@ import types
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
-from . import _host_asyncio, _host_trio, _workers
+from . import _admission, _host_asyncio, _host_trio, _workers
 from ._handoff import (  # re-exported for _patching, _primitives and stats()
     AWAIT_REQUIRED_MESSAGE as AWAIT_REQUIRED_MESSAGE,
     HOST_GONE_MESSAGE as HOST_GONE_MESSAGE,
@@ -130,18 +130,31 @@ async def greenlet_spawn(
 ) -> _T:
     """Run the sync callable ``fn`` in a worker thread; every
     :func:`await_` it performs is awaited by the calling task."""
+    # calls contending for pool connections beyond max_pool_waiters wait
+    # here, in the loop, without a thread (see _admission)
+    slot = _admission.try_admit()
+    if slot is None:
+        slot = await _admission.admit(fn, args)
     loop = _get_running_loop()
     if loop is not None:
-        if checkpoint_calls:
-            await _yield()
-        worker = _workers.pool.try_acquire()
-        if worker is None:
-            worker = await _wait_for_worker()
+        try:
+            if checkpoint_calls:
+                await _yield()
+            worker = _workers.pool.try_acquire()
+            if worker is None:
+                worker = await _wait_for_worker()
+        except BaseException:
+            if slot:
+                _admission.release()
+            raise
         mailbox = _mailbox_for(loop, loop.call_soon_threadsafe)
         call = _Call(fn, args, kwargs, mailbox, loop)
         call.task = _current_task(loop)
+        call.gate_slot = slot
         return cast(_T, await run_call(call, worker, _host_asyncio.drive, loop, _require_await))
-    return cast(_T, await _host_trio.spawn(fn, args, kwargs, _require_await, _wait_for_worker))
+    return cast(
+        _T, await _host_trio.spawn(fn, args, kwargs, _require_await, _wait_for_worker, slot)
+    )
 
 
 async def _wait_for_worker() -> _workers._Worker:

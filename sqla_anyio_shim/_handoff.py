@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from . import _async_raise, _channel, _workers
+from . import _admission, _async_raise, _channel, _workers
 from ._loop_proxy import _LoopProxy, _OnLoop
 
 _perf_counter = time.perf_counter
@@ -162,6 +162,7 @@ class _Call:
         "finished",
         "fn",
         "fn_name",
+        "gate_slot",
         "hold",
         "host_gone",
         "host_tokens",
@@ -195,6 +196,8 @@ class _Call:
     ) -> None:
         self.loop = loop
         self.task: Any = None
+        # holds an admission slot until it is past the pool (see _admission)
+        self.gate_slot = False
         self.sync_io = False
         self.cancel_count = 0
         self.host_tokens: dict[contextvars.ContextVar[Any], Any] = {}
@@ -533,6 +536,7 @@ async def run_call(
         raise
     finally:
         _count_call(-1)
+        release_slot(call)
         _end_stretch(call)
         call.release_channel()
 
@@ -634,6 +638,14 @@ def _next_message(call: _Call) -> Any:
 async def _serve(call: _Call, awaitable: Any) -> None:
     """Await one awaitable for the worker, in the host task, and send the
     outcome back (both backends)."""
+    pool_wait = False
+    if call.gate_slot:
+        # a call waiting in the pool's queue keeps its admission slot until
+        # the wait is over; any other await point means it is past the pool,
+        # and its slot goes to the next call (see _admission)
+        pool_wait = getattr(awaitable, "cr_code", None) in _admission.pool_wait_codes
+        if not pool_wait:
+            release_slot(call)
     hook = await_hook
     if hook is not None and not isinstance(awaitable, _OnLoop):
         awaitable = hook(awaitable)
@@ -645,9 +657,20 @@ async def _serve(call: _Call, awaitable: Any) -> None:
     try:
         value = await awaitable
     except BaseException as err:
+        if pool_wait:
+            release_slot(call)
         call.send(None, err)
     else:
+        if pool_wait:
+            release_slot(call)
         call.send(value, None)
+
+
+def release_slot(call: _Call) -> None:
+    """Give the call's admission slot back, once (see _admission)."""
+    if call.gate_slot:
+        call.gate_slot = False
+        _admission.release()
 
 
 def _finish(call: _Call, switched: bool, require_await: bool) -> Any:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import _workers
+from . import _admission, _workers
 from ._handoff import (
     _ANSWERED,
     _DONE,
@@ -40,6 +40,7 @@ async def spawn(
     kwargs: Any,
     require_await: bool,
     wait_for_worker: Callable[[], Awaitable[Any]],
+    gate_slot: bool = False,
 ) -> Any:
     """greenlet_spawn() under trio."""
     trio = sys.modules.get("trio")
@@ -50,6 +51,8 @@ async def spawn(
         except RuntimeError:
             token = None
     if token is None:
+        if gate_slot:
+            _admission.release()
         raise RuntimeError(
             "greenlet_spawn() must be awaited in a task of an asyncio or "
             "trio event loop (sqla-anyio-shim supports both through anyio)"
@@ -58,12 +61,18 @@ async def spawn(
     # stops here before any sync code runs, and a task looping on queries
     # lets the others run
     assert trio is not None
-    await trio.lowlevel.checkpoint()
-    worker = _workers.pool.try_acquire()
-    if worker is None:
-        worker = await wait_for_worker()
+    try:
+        await trio.lowlevel.checkpoint()
+        worker = _workers.pool.try_acquire()
+        if worker is None:
+            worker = await wait_for_worker()
+    except BaseException:
+        if gate_slot:
+            _admission.release()
+        raise
     mailbox = _mailbox_for(token, token.run_sync_soon)
     call = _Call(fn, args, kwargs, mailbox, None)
+    call.gate_slot = gate_slot
     return await run_call(call, worker, _host_loop_trio, require_await)
 
 

@@ -54,6 +54,9 @@ OPTIONS (install()'s keyword arguments):
                           (greenlet's full atomicity; default: 0.002)
   --slow-call-warning S   log a WARNING when sync code holds the loop longer
                           than this, or "none" (default: 0.1)
+  --max-pool-waiters N    calls at the connection pool at once before new
+                          ones wait threadless in the loop, or "none"
+                          (default: 64)
 
 The environment variable SQLA_ANYIO_SHIM=1 does the same for processes not
 started by hand, with these options in SQLA_ANYIO_SHIM_OPTIONS."""
@@ -103,6 +106,7 @@ OPTIONS: dict[str, tuple[str, Callable[[str], Any] | None]] = {
     "--sync-drivers": ("sync_drivers", None),
     "--handoff-timeout": ("handoff_timeout", _seconds(allow_none=True, allow_zero=True)),
     "--slow-call-warning": ("slow_call_warning", _seconds(allow_none=True, allow_zero=False)),
+    "--max-pool-waiters": ("max_pool_waiters", _count(1)),
 }
 
 

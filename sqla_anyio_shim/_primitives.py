@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import _bridge
+from . import _admission, _bridge
 from ._waiters import (  # noqa: F401 -- re-exported for the tests
     _abandon,
     _deadline,
@@ -132,6 +132,10 @@ async def _queue_get(queue: Any, state: _QueueState, timeout: float | None) -> A
                 if state.items:
                     return state.take()
             return _TIMEOUT
+
+
+# a call waiting here keeps its admission slot (see _admission)
+_admission.pool_wait_codes.add(_queue_get.__code__)
 
 
 async def _queue_put(queue: Any, state: _QueueState, item: Any, timeout: float | None) -> Any:

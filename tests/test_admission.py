@@ -1,0 +1,192 @@
+"""Admission (issue 10, scale): beyond ``max_pool_waiters`` workers waiting
+for a pool connection, new calls that hold no connection wait in the event
+loop without a thread -- and the calls that would return a connection are
+never held up.
+
+Deterministic: one task holds the pool's only connection while the others
+queue; the test waits (bounded) for the exact counts before it lets the
+holder go on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+import sqla_anyio_shim
+from sqla_anyio_shim import _admission, _workers
+
+from .test_sqlalchemy import Base, Item
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+LIMIT = 4
+TASKS = 30
+
+
+@pytest.fixture
+def small_gate(anyio_backend: Any) -> Any:
+    """The gate at LIMIT (sync drivers under trio, where aiosqlite cannot
+    run); restored afterwards."""
+    sync = anyio_backend[0] == "trio"
+    sqla_anyio_shim.install(max_pool_waiters=LIMIT, sync_drivers=sync)
+    try:
+        yield sync
+    finally:
+        sqla_anyio_shim.install()
+
+
+async def _until(predicate: Any, what: str, timeout: float = 10.0) -> None:
+    try:
+        with anyio.fail_after(timeout):
+            while not predicate():
+                await anyio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}: {sqla_anyio_shim.stats()}") from None
+
+
+def _url(tmp_path: Any, sync: bool) -> str:
+    path = tmp_path / "admission.db"
+    return f"sqlite:///{path}" if sync else f"sqlite+aiosqlite:///{path}"
+
+
+async def test_waiting_tasks_beyond_the_bound_hold_no_thread(
+    small_gate: bool, tmp_path: Any
+) -> None:
+    engine = create_async_engine(
+        _url(tmp_path, small_gate), pool_size=1, max_overflow=0, pool_timeout=60
+    )
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+            await conn.execute(Item.__table__.insert(), [{"id": 1, "name": "one"}])
+        escapes = _admission.gate_stats()["escapes"]
+        done: list[int] = []
+
+        async def reader(i: int) -> None:
+            async with AsyncSession(engine) as session:
+                item = (await session.execute(select(Item).where(Item.id == 1))).scalar_one()
+                assert item.name == "one"
+            done.append(i)
+
+        async with engine.connect() as holder:
+            # the pool's only connection is checked out: every reader waits
+            await holder.execute(text("select 1"))
+            async with anyio.create_task_group() as tg:
+                for i in range(TASKS):
+                    tg.start_soon(reader, i)
+                # LIMIT readers in the pool's queue, each on its worker; the
+                # others wait at the gate, on no thread
+                await _until(
+                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == TASKS - LIMIT
+                    and _workers.pool.busy == LIMIT,
+                    "the readers beyond the bound to wait at the gate",
+                )
+                stats = sqla_anyio_shim.stats()
+                assert stats.calls_at_pool == LIMIT, stats
+                assert stats.calls_in_flight == LIMIT, stats
+                assert done == []
+                # the holder's own calls pass the closed gate (it is the one
+                # that will return the connection)
+                with anyio.fail_after(5):
+                    assert (await holder.execute(text("select 2"))).scalar() == 2
+                    await holder.commit()
+                await holder.close()
+        assert sorted(done) == list(range(TASKS))
+        # nobody had to use the escape hatch: the holder was recognised
+        assert _admission.gate_stats()["escapes"] == escapes
+        stats = sqla_anyio_shim.stats()
+        assert stats.calls_at_pool == 0 and stats.calls_waiting_admission == 0
+        assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
+
+
+async def test_session_holding_a_connection_passes_the_closed_gate(
+    small_gate: bool, tmp_path: Any
+) -> None:
+    """An ``AsyncSession`` whose transaction has the connection (its next
+    execute(), its commit()) is not held at the gate."""
+    engine = create_async_engine(
+        _url(tmp_path, small_gate), pool_size=1, max_overflow=0, pool_timeout=60
+    )
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        async with AsyncSession(engine) as holder:
+            holder.add(Item(id=7, name="seven"))
+            await holder.flush()  # the session now holds the connection
+            async with anyio.create_task_group() as tg:
+
+                async def waiter() -> None:
+                    async with engine.connect() as c:
+                        await c.execute(text("select 1"))
+
+                for _ in range(LIMIT + 3):
+                    tg.start_soon(waiter)
+                await _until(
+                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == 3,
+                    "three callers to wait at the gate",
+                )
+                with anyio.fail_after(5):
+                    got = (await holder.execute(select(Item.name).where(Item.id == 7))).scalar()
+                    assert got == "seven"
+                    await holder.commit()
+    finally:
+        await engine.dispose()
+
+
+async def test_cancelled_while_waiting_at_the_gate_leaves_nothing_behind(
+    small_gate: bool, tmp_path: Any
+) -> None:
+    """A task cancelled at the gate has started no sync code: no worker, no
+    connection, no waiter left; the others go on."""
+    engine = create_async_engine(
+        _url(tmp_path, small_gate), pool_size=1, max_overflow=0, pool_timeout=60
+    )
+    try:
+        finished: list[int] = []
+        async with engine.connect() as holder:
+            await holder.execute(text("select 1"))
+            async with anyio.create_task_group() as tg:
+                scopes: list[anyio.CancelScope] = []
+
+                async def caller(i: int, scope: anyio.CancelScope) -> None:
+                    with scope:
+                        async with engine.connect() as c:
+                            await c.execute(text("select 1"))
+                        finished.append(i)
+
+                for i in range(LIMIT + 5):
+                    scope = anyio.CancelScope()
+                    scopes.append(scope)
+                    tg.start_soon(caller, i, scope)
+                await _until(
+                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == 5,
+                    "five callers at the gate",
+                )
+                for scope in scopes[LIMIT:]:
+                    scope.cancel()
+                await _until(
+                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == 0,
+                    "the cancelled callers to leave the gate",
+                )
+                assert sqla_anyio_shim.stats().calls_at_pool == LIMIT
+                await holder.close()
+        # the ones parked in the pool got their turn; the cancelled ones ran
+        # no sync code at all
+        assert sorted(finished) == list(range(LIMIT))
+        assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
+
+
+def test_bad_max_pool_waiters_is_refused() -> None:
+    for bad in (0, -1, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="max_pool_waiters must be a positive int or None"):
+            sqla_anyio_shim.install(max_pool_waiters=bad)  # type: ignore[arg-type]
+    sqla_anyio_shim.install()
