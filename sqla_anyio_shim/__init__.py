@@ -116,7 +116,7 @@ def install(
     # threading.Lock.acquire(True, -1) waits without a bound
     _handoff.handoff_timeout = -1 if handoff_timeout is None else handoff_timeout
     _handoff.slow_hold_threshold = slow_call_warning
-    _admission.limit = max_pool_waiters
+    _admission.configure(max_pool_waiters)
 
 
 def uninstall() -> None:

@@ -55,6 +55,15 @@ _gate: deque[_Waiter] = deque()
 _escapes = 0
 
 
+def configure(new_limit: int | None) -> None:
+    """install(max_pool_waiters=...): a raised (or removed) bound admits
+    the waiters it now has room for at once."""
+    global limit
+    with _lock:
+        limit = new_limit
+        _hand_over()
+
+
 def try_admit() -> bool | None:
     """Take a slot if one is free and nobody waits for one: True; no
     admission control: False (the call holds no slot); all taken: None."""

@@ -190,3 +190,41 @@ def test_bad_max_pool_waiters_is_refused() -> None:
         with pytest.raises(ValueError, match="max_pool_waiters must be a positive int or None"):
             sqla_anyio_shim.install(max_pool_waiters=bad)  # type: ignore[arg-type]
     sqla_anyio_shim.install()
+
+
+async def test_raising_the_bound_admits_the_waiters_at_once(
+    small_gate: bool, tmp_path: Any
+) -> None:
+    """install(max_pool_waiters=None) while calls wait at the gate lets them
+    all go to the pool's queue at once (no waiting for the escape hatch)."""
+    engine = create_async_engine(
+        _url(tmp_path, small_gate), pool_size=1, max_overflow=0, pool_timeout=60
+    )
+    try:
+        async with engine.connect() as holder:
+            await holder.execute(text("select 1"))
+            async with anyio.create_task_group() as tg:
+
+                async def caller() -> None:
+                    async with engine.connect() as c:
+                        await c.execute(text("select 1"))
+
+                for _ in range(LIMIT + 6):
+                    tg.start_soon(caller)
+                await _until(
+                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == 6,
+                    "six callers at the gate",
+                )
+                escapes = _admission.gate_stats()["escapes"]
+                sqla_anyio_shim.install(max_pool_waiters=None, sync_drivers=small_gate)
+                await _until(
+                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == 0
+                    and _workers.pool.busy == LIMIT + 6,
+                    "every caller at the pool's queue, on a worker",
+                )
+                # admitted by the raise, not by the 2 s escape hatch
+                assert _admission.gate_stats()["escapes"] == escapes
+                await holder.close()
+        assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
