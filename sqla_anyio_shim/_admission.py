@@ -17,9 +17,10 @@ never limits how many queries run at once.
 Why not a plain cap on workers (``max_workers``): tasks waiting for a
 connection would starve the tasks that hold one and would return it -- a
 deadlock.  So when the slots are all taken, a call whose sync code works on
-a checked-out connection (an SQLAlchemy ``Connection``, a ``Session`` whose
-transaction has one, an async result being fetched; as the bound object of
-``fn`` or its first argument) passes without a slot.  As a last resort a
+a checked-out connection (an SQLAlchemy ``Connection`` or its
+``Transaction``, a ``Session`` or ``SessionTransaction`` that has one, a
+result being fetched or closed; as the bound object of ``fn`` or its first
+argument) passes without a slot.  As a last resort a
 waiter that sees no slot released for ``ESCAPE_AFTER`` seconds passes too: a
 holder this check cannot recognise must never wait forever.
 
@@ -175,8 +176,16 @@ def _holds_connection(fn: Any, args: tuple[Any, ...]) -> bool:
             transaction = getattr(obj, "_transaction", None)
             if transaction is not None and getattr(transaction, "_connections", None):
                 return True
+        elif kind == "transaction":
+            # engine.begin()'s commit / rollback: its Connection's
+            connection = getattr(obj, "connection", None)
+            if getattr(connection, "_dbapi_connection", None) is not None:
+                return True
+        elif kind == "session_transaction":
+            # AsyncSessionTransaction's commit / rollback
+            if getattr(obj, "_connections", None):
+                return True
         elif kind == "result":
-            # an async result being fetched holds its cursor's connection
             return True
     return False
 
@@ -197,7 +206,18 @@ def _kind_of(cls: type) -> str:
             if module == "sqlalchemy.orm.session" and name == "Session":
                 kind = "session"
                 break
-            if module == "sqlalchemy.ext.asyncio.result" and name == "AsyncCommon":
+            if module == "sqlalchemy.engine.base" and name == "Transaction":
+                kind = "transaction"
+                break
+            if module == "sqlalchemy.orm.session" and name == "SessionTransaction":
+                kind = "session_transaction"
+                break
+            if (module, name) in (
+                ("sqlalchemy.ext.asyncio.result", "AsyncCommon"),
+                ("sqlalchemy.engine.result", "Result"),
+            ):
+                # an async result being fetched, or a sync result being
+                # closed for one: it holds its cursor's connection
                 kind = "result"
                 break
         _kinds[cls] = kind

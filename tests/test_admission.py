@@ -228,3 +228,35 @@ async def test_raising_the_bound_admits_the_waiters_at_once(
         assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         await engine.dispose()
+
+
+async def test_engine_begin_commit_passes_the_closed_gate(
+    small_gate: bool, tmp_path: Any
+) -> None:
+    """``async with engine.begin()``: the commit at the block's end is a call
+    on the sync ``Transaction``, which holds the connection -- it must not
+    wait behind the callers queueing for that very connection."""
+    engine = create_async_engine(
+        _url(tmp_path, small_gate), pool_size=1, max_overflow=0, pool_timeout=60
+    )
+    try:
+        escapes = _admission.gate_stats()["escapes"]
+        async with anyio.create_task_group() as tg:
+
+            async def caller() -> None:
+                async with engine.connect() as c:
+                    await c.execute(text("select 1"))
+
+            async with engine.begin() as holder:
+                await holder.execute(text("select 1"))
+                for _ in range(LIMIT + 3):
+                    tg.start_soon(caller)
+                await _until(
+                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == 3
+                    and _workers.pool.busy == LIMIT,
+                    "three callers at the gate",
+                )
+            # the commit passed without the escape hatch
+            assert _admission.gate_stats()["escapes"] == escapes
+    finally:
+        await engine.dispose()
