@@ -19,8 +19,8 @@ connection would starve the tasks that hold one and would return it -- a
 deadlock.  So when the slots are all taken, a call whose sync code works on
 a checked-out connection (an SQLAlchemy ``Connection`` or its
 ``Transaction``, a ``Session`` or ``SessionTransaction`` that has one, a
-result being fetched or closed; as the bound object of ``fn`` or its first
-argument) passes without a slot.  As a last resort a
+result being fetched or closed, an ORM object whose session has one; as the
+bound object of ``fn`` or its first argument) passes without a slot.  As a last resort a
 waiter that sees no slot released for ``ESCAPE_AFTER`` seconds passes too: a
 holder this check cannot recognise must never wait forever.
 
@@ -187,6 +187,14 @@ def _holds_connection(fn: Any, args: tuple[Any, ...]) -> bool:
                 return True
         elif kind == "result":
             return True
+        else:
+            # an ORM object (awaitable_attrs: greenlet_spawn(getattr, obj,
+            # name)): its session's connection
+            state = getattr(obj, "_sa_instance_state", None)
+            session = getattr(state, "session", None) if state is not None else None
+            transaction = getattr(session, "_transaction", None)
+            if transaction is not None and getattr(transaction, "_connections", None):
+                return True
     return False
 
 

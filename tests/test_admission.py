@@ -260,3 +260,38 @@ async def test_engine_begin_commit_passes_the_closed_gate(
             assert _admission.gate_stats()["escapes"] == escapes
     finally:
         await engine.dispose()
+
+
+def test_what_counts_as_holding_a_connection(tmp_path: Any) -> None:
+    """The holder check, object by object (sync API, no gate involved)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from sqla_anyio_shim._admission import _holds_connection
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'holders.db'}")
+    Base.metadata.create_all(engine)
+    try:
+        assert not _holds_connection(engine.connect, ())
+        with engine.connect() as conn:
+            assert _holds_connection(conn.execute, ())
+            assert _holds_connection(getattr, (conn, "connection"))
+            result = conn.execute(text("select 1"))
+            assert _holds_connection(result.close, ())
+            result.close()
+        with engine.begin() as conn:
+            assert _holds_connection(conn.get_transaction().commit, ())  # type: ignore[union-attr]
+        with Session(engine) as session:
+            assert not _holds_connection(session.execute, ())
+            session.add(Item(id=1, name="one"))
+            session.flush()
+            assert _holds_connection(session.execute, ())
+            assert _holds_connection(session.get_transaction().commit, ())  # type: ignore[union-attr]
+            item = session.get(Item, 1)
+            assert _holds_connection(getattr, (item, "name"))
+            session.commit()
+            assert not _holds_connection(getattr, (item, "name"))
+            assert not _holds_connection(session.execute, ())
+        assert not _holds_connection(len, ([],))
+    finally:
+        engine.dispose()
