@@ -68,13 +68,17 @@ def configure(new_limit: int | None) -> None:
 def try_admit() -> bool | None:
     """Take a slot if one is free and nobody waits for one: True; no
     admission control: False (the call holds no slot); all taken: None."""
-    global occupied
     with _lock:
-        if limit is None:
-            return False
-        if occupied < limit and not _gate:
-            occupied += 1
-            return True
+        return _try_admit_locked()
+
+
+def _try_admit_locked() -> bool | None:
+    global occupied
+    if limit is None:
+        return False
+    if occupied < limit and not _gate:
+        occupied += 1
+        return True
     return None
 
 
@@ -114,11 +118,9 @@ async def _wait_turn() -> bool:
     front = False
     while True:
         with _lock:
-            if limit is None:
-                return False
-            if occupied < limit and not _gate:
-                occupied += 1
-                return True
+            admitted = _try_admit_locked()
+            if admitted is not None:
+                return admitted
             released = _released
             waiter = _Waiter()
             if front:
@@ -200,33 +202,28 @@ def _holds_connection(fn: Any, args: tuple[Any, ...]) -> bool:
 
 _kinds: dict[type, str] = {}
 
+# SQLAlchemy classes (by module and name: nothing of SQLAlchemy's is
+# imported here) whose instances, as a call's target, may hold a connection
+_HOLDER_CLASSES = {
+    ("sqlalchemy.engine.base", "Connection"): "connection",
+    ("sqlalchemy.engine.base", "Transaction"): "transaction",
+    ("sqlalchemy.orm.session", "Session"): "session",
+    ("sqlalchemy.orm.session", "SessionTransaction"): "session_transaction",
+    # an async result being fetched, or a sync result being closed for one:
+    # it holds its cursor's connection
+    ("sqlalchemy.ext.asyncio.result", "AsyncCommon"): "result",
+    ("sqlalchemy.engine.result", "Result"): "result",
+}
+
 
 def _kind_of(cls: type) -> str:
     kind = _kinds.get(cls)
     if kind is None:
         kind = "other"
         for base in cls.__mro__:
-            module = base.__module__
-            name = base.__name__
-            if module == "sqlalchemy.engine.base" and name == "Connection":
-                kind = "connection"
-                break
-            if module == "sqlalchemy.orm.session" and name == "Session":
-                kind = "session"
-                break
-            if module == "sqlalchemy.engine.base" and name == "Transaction":
-                kind = "transaction"
-                break
-            if module == "sqlalchemy.orm.session" and name == "SessionTransaction":
-                kind = "session_transaction"
-                break
-            if (module, name) in (
-                ("sqlalchemy.ext.asyncio.result", "AsyncCommon"),
-                ("sqlalchemy.engine.result", "Result"),
-            ):
-                # an async result being fetched, or a sync result being
-                # closed for one: it holds its cursor's connection
-                kind = "result"
+            found = _HOLDER_CLASSES.get((base.__module__, base.__name__))
+            if found is not None:
+                kind = found
                 break
         _kinds[cls] = kind
     return kind

@@ -49,140 +49,142 @@ async def _until(predicate: Any, what: str, timeout: float = 10.0) -> None:
         raise AssertionError(f"timed out waiting for {what}: {sqla_anyio_shim.stats()}") from None
 
 
+@pytest.fixture
+async def engine(anyio_backend: Any, small_gate: bool, tmp_path: Any) -> Any:
+    """A pool of one connection, on a file database."""
+    engine = create_async_engine(
+        _url(tmp_path, small_gate), pool_size=1, max_overflow=0, pool_timeout=60
+    )
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def _select_one(engine: Any) -> None:
+    """A caller that queues for a connection of its own."""
+    async with engine.connect() as conn:
+        await conn.execute(text("select 1"))
+
+
+async def _queue_callers(tg: Any, engine: Any, beyond: int) -> None:
+    """Start LIMIT + ``beyond`` callers and wait until LIMIT of them are at
+    the pool's queue, each on its worker, and ``beyond`` at the gate."""
+    for _ in range(LIMIT + beyond):
+        tg.start_soon(_select_one, engine)
+    await _until(
+        lambda: sqla_anyio_shim.stats().calls_waiting_admission == beyond
+        and _workers.pool.busy == LIMIT,
+        f"{beyond} callers at the gate",
+    )
+
+
 def _url(tmp_path: Any, sync: bool) -> str:
     path = tmp_path / "admission.db"
     return f"sqlite:///{path}" if sync else f"sqlite+aiosqlite:///{path}"
 
 
-async def test_waiting_tasks_beyond_the_bound_hold_no_thread(
-    small_gate: bool, tmp_path: Any
-) -> None:
-    engine = create_async_engine(
-        _url(tmp_path, small_gate), pool_size=1, max_overflow=0, pool_timeout=60
-    )
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-            await conn.execute(Item.__table__.insert(), [{"id": 1, "name": "one"}])
-        escapes = _admission.gate_stats()["escapes"]
-        done: list[int] = []
+async def test_waiting_tasks_beyond_the_bound_hold_no_thread(small_gate: bool, engine: Any) -> None:
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+        await conn.execute(Item.__table__.insert(), [{"id": 1, "name": "one"}])
+    escapes = _admission.gate_stats()["escapes"]
+    done: list[int] = []
 
-        async def reader(i: int) -> None:
-            async with AsyncSession(engine) as session:
-                item = (await session.execute(select(Item).where(Item.id == 1))).scalar_one()
-                assert item.name == "one"
-            done.append(i)
+    async def reader(i: int) -> None:
+        async with AsyncSession(engine) as session:
+            item = (await session.execute(select(Item).where(Item.id == 1))).scalar_one()
+            assert item.name == "one"
+        done.append(i)
 
-        async with engine.connect() as holder:
-            # the pool's only connection is checked out: every reader waits
-            await holder.execute(text("select 1"))
-            async with anyio.create_task_group() as tg:
-                for i in range(TASKS):
-                    tg.start_soon(reader, i)
-                # LIMIT readers in the pool's queue, each on its worker; the
-                # others wait at the gate, on no thread
-                await _until(
-                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == TASKS - LIMIT
-                    and _workers.pool.busy == LIMIT,
-                    "the readers beyond the bound to wait at the gate",
-                )
-                stats = sqla_anyio_shim.stats()
-                assert stats.calls_at_pool == LIMIT, stats
-                assert stats.calls_in_flight == LIMIT, stats
-                assert done == []
-                # the holder's own calls pass the closed gate (it is the one
-                # that will return the connection)
-                with anyio.fail_after(5):
-                    assert (await holder.execute(text("select 2"))).scalar() == 2
-                    await holder.commit()
-                await holder.close()
-        assert sorted(done) == list(range(TASKS))
-        # nobody had to use the escape hatch: the holder was recognised
-        assert _admission.gate_stats()["escapes"] == escapes
-        stats = sqla_anyio_shim.stats()
-        assert stats.calls_at_pool == 0 and stats.calls_waiting_admission == 0
-        assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    finally:
-        await engine.dispose()
+    async with engine.connect() as holder:
+        # the pool's only connection is checked out: every reader waits
+        await holder.execute(text("select 1"))
+        async with anyio.create_task_group() as tg:
+            for i in range(TASKS):
+                tg.start_soon(reader, i)
+            # LIMIT readers in the pool's queue, each on its worker; the
+            # others wait at the gate, on no thread
+            await _until(
+                lambda: (
+                    sqla_anyio_shim.stats().calls_waiting_admission == TASKS - LIMIT
+                    and _workers.pool.busy == LIMIT
+                ),
+                "the readers beyond the bound to wait at the gate",
+            )
+            stats = sqla_anyio_shim.stats()
+            assert stats.calls_at_pool == LIMIT, stats
+            assert stats.calls_in_flight == LIMIT, stats
+            assert done == []
+            # the holder's own calls pass the closed gate (it is the one
+            # that will return the connection)
+            with anyio.fail_after(5):
+                assert (await holder.execute(text("select 2"))).scalar() == 2
+                await holder.commit()
+            await holder.close()
+    assert sorted(done) == list(range(TASKS))
+    # nobody had to use the escape hatch: the holder was recognised
+    assert _admission.gate_stats()["escapes"] == escapes
+    stats = sqla_anyio_shim.stats()
+    assert stats.calls_at_pool == 0 and stats.calls_waiting_admission == 0
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 async def test_session_holding_a_connection_passes_the_closed_gate(
-    small_gate: bool, tmp_path: Any
+    small_gate: bool, engine: Any
 ) -> None:
     """An ``AsyncSession`` whose transaction has the connection (its next
     execute(), its commit()) is not held at the gate."""
-    engine = create_async_engine(
-        _url(tmp_path, small_gate), pool_size=1, max_overflow=0, pool_timeout=60
-    )
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-        async with AsyncSession(engine) as holder:
-            holder.add(Item(id=7, name="seven"))
-            await holder.flush()  # the session now holds the connection
-            async with anyio.create_task_group() as tg:
-
-                async def waiter() -> None:
-                    async with engine.connect() as c:
-                        await c.execute(text("select 1"))
-
-                for _ in range(LIMIT + 3):
-                    tg.start_soon(waiter)
-                await _until(
-                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == 3,
-                    "three callers to wait at the gate",
-                )
-                with anyio.fail_after(5):
-                    got = (await holder.execute(select(Item.name).where(Item.id == 7))).scalar()
-                    assert got == "seven"
-                    await holder.commit()
-    finally:
-        await engine.dispose()
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    async with AsyncSession(engine) as holder:
+        holder.add(Item(id=7, name="seven"))
+        await holder.flush()  # the session now holds the connection
+        async with anyio.create_task_group() as tg:
+            await _queue_callers(tg, engine, 3)
+            with anyio.fail_after(5):
+                got = (await holder.execute(select(Item.name).where(Item.id == 7))).scalar()
+                assert got == "seven"
+                await holder.commit()
 
 
 async def test_cancelled_while_waiting_at_the_gate_leaves_nothing_behind(
-    small_gate: bool, tmp_path: Any
+    small_gate: bool, engine: Any
 ) -> None:
     """A task cancelled at the gate has started no sync code: no worker, no
     connection, no waiter left; the others go on."""
-    engine = create_async_engine(
-        _url(tmp_path, small_gate), pool_size=1, max_overflow=0, pool_timeout=60
-    )
-    try:
-        finished: list[int] = []
-        async with engine.connect() as holder:
-            await holder.execute(text("select 1"))
-            async with anyio.create_task_group() as tg:
-                scopes: list[anyio.CancelScope] = []
+    finished: list[int] = []
+    async with engine.connect() as holder:
+        await holder.execute(text("select 1"))
+        async with anyio.create_task_group() as tg:
+            scopes: list[anyio.CancelScope] = []
 
-                async def caller(i: int, scope: anyio.CancelScope) -> None:
-                    with scope:
-                        async with engine.connect() as c:
-                            await c.execute(text("select 1"))
-                        finished.append(i)
+            async def caller(i: int, scope: anyio.CancelScope) -> None:
+                with scope:
+                    async with engine.connect() as c:
+                        await c.execute(text("select 1"))
+                    finished.append(i)
 
-                for i in range(LIMIT + 5):
-                    scope = anyio.CancelScope()
-                    scopes.append(scope)
-                    tg.start_soon(caller, i, scope)
-                await _until(
-                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == 5,
-                    "five callers at the gate",
-                )
-                for scope in scopes[LIMIT:]:
-                    scope.cancel()
-                await _until(
-                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == 0,
-                    "the cancelled callers to leave the gate",
-                )
-                assert sqla_anyio_shim.stats().calls_at_pool == LIMIT
-                await holder.close()
-        # the ones parked in the pool got their turn; the cancelled ones ran
-        # no sync code at all
-        assert sorted(finished) == list(range(LIMIT))
-        assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    finally:
-        await engine.dispose()
+            for i in range(LIMIT + 5):
+                scope = anyio.CancelScope()
+                scopes.append(scope)
+                tg.start_soon(caller, i, scope)
+            await _until(
+                lambda: sqla_anyio_shim.stats().calls_waiting_admission == 5,
+                "five callers at the gate",
+            )
+            for scope in scopes[LIMIT:]:
+                scope.cancel()
+            await _until(
+                lambda: sqla_anyio_shim.stats().calls_waiting_admission == 0,
+                "the cancelled callers to leave the gate",
+            )
+            assert sqla_anyio_shim.stats().calls_at_pool == LIMIT
+            await holder.close()
+    # the ones parked in the pool got their turn; the cancelled ones ran
+    # no sync code at all
+    assert sorted(finished) == list(range(LIMIT))
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 def test_bad_max_pool_waiters_is_refused() -> None:
@@ -192,74 +194,47 @@ def test_bad_max_pool_waiters_is_refused() -> None:
     sqla_anyio_shim.install()
 
 
-async def test_raising_the_bound_admits_the_waiters_at_once(
-    small_gate: bool, tmp_path: Any
-) -> None:
+async def test_raising_the_bound_admits_the_waiters_at_once(small_gate: bool, engine: Any) -> None:
     """install(max_pool_waiters=None) while calls wait at the gate lets them
     all go to the pool's queue at once (no waiting for the escape hatch)."""
-    engine = create_async_engine(
-        _url(tmp_path, small_gate), pool_size=1, max_overflow=0, pool_timeout=60
-    )
-    try:
-        async with engine.connect() as holder:
-            await holder.execute(text("select 1"))
-            async with anyio.create_task_group() as tg:
-
-                async def caller() -> None:
-                    async with engine.connect() as c:
-                        await c.execute(text("select 1"))
-
-                for _ in range(LIMIT + 6):
-                    tg.start_soon(caller)
-                await _until(
-                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == 6,
-                    "six callers at the gate",
-                )
-                escapes = _admission.gate_stats()["escapes"]
-                sqla_anyio_shim.install(max_pool_waiters=None, sync_drivers=small_gate)
-                await _until(
-                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == 0
-                    and _workers.pool.busy == LIMIT + 6,
-                    "every caller at the pool's queue, on a worker",
-                )
-                # admitted by the raise, not by the 2 s escape hatch
-                assert _admission.gate_stats()["escapes"] == escapes
-                await holder.close()
-        assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    finally:
-        await engine.dispose()
+    async with engine.connect() as holder:
+        await holder.execute(text("select 1"))
+        async with anyio.create_task_group() as tg:
+            await _queue_callers(tg, engine, 6)
+            escapes = _admission.gate_stats()["escapes"]
+            sqla_anyio_shim.install(max_pool_waiters=None, sync_drivers=small_gate)
+            await _until(
+                lambda: (
+                    sqla_anyio_shim.stats().calls_waiting_admission == 0
+                    and _workers.pool.busy == LIMIT + 6
+                ),
+                "every caller at the pool's queue, on a worker",
+            )
+            # admitted by the raise, not by the 2 s escape hatch
+            assert _admission.gate_stats()["escapes"] == escapes
+            await holder.close()
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
-async def test_engine_begin_commit_passes_the_closed_gate(
-    small_gate: bool, tmp_path: Any
-) -> None:
+async def test_engine_begin_commit_passes_the_closed_gate(small_gate: bool, engine: Any) -> None:
     """``async with engine.begin()``: the commit at the block's end is a call
     on the sync ``Transaction``, which holds the connection -- it must not
     wait behind the callers queueing for that very connection."""
-    engine = create_async_engine(
-        _url(tmp_path, small_gate), pool_size=1, max_overflow=0, pool_timeout=60
-    )
-    try:
-        escapes = _admission.gate_stats()["escapes"]
-        async with anyio.create_task_group() as tg:
-
-            async def caller() -> None:
-                async with engine.connect() as c:
-                    await c.execute(text("select 1"))
-
-            async with engine.begin() as holder:
-                await holder.execute(text("select 1"))
-                for _ in range(LIMIT + 3):
-                    tg.start_soon(caller)
-                await _until(
-                    lambda: sqla_anyio_shim.stats().calls_waiting_admission == 3
-                    and _workers.pool.busy == LIMIT,
-                    "three callers at the gate",
-                )
-            # the commit passed without the escape hatch
-            assert _admission.gate_stats()["escapes"] == escapes
-    finally:
-        await engine.dispose()
+    escapes = _admission.gate_stats()["escapes"]
+    async with anyio.create_task_group() as tg:
+        async with engine.begin() as holder:
+            await holder.execute(text("select 1"))
+            for _ in range(LIMIT + 3):
+                tg.start_soon(_select_one, engine)
+            await _until(
+                lambda: (
+                    sqla_anyio_shim.stats().calls_waiting_admission == 3
+                    and _workers.pool.busy == LIMIT
+                ),
+                "three callers at the gate",
+            )
+        # the commit passed without the escape hatch
+        assert _admission.gate_stats()["escapes"] == escapes
 
 
 def test_what_counts_as_holding_a_connection(tmp_path: Any) -> None:

@@ -17,9 +17,7 @@ def test_server_databases_are_cleared_of_leftover_tables_first() -> None:
     assert _drop_first(["--dburi", "postgresql+asyncpg://root@127.0.0.1:5432/test"]) == [
         "--dropfirst"
     ]
-    assert _drop_first(["--dburi", "mysql+aiomysql://root@127.0.0.1:3306/test"]) == [
-        "--dropfirst"
-    ]
+    assert _drop_first(["--dburi", "mysql+aiomysql://root@127.0.0.1:3306/test"]) == ["--dropfirst"]
     assert _drop_first(["--db", "aiosqlite"]) == []
     assert _drop_first(["--dburi", "sqlite+aiosqlite:///file.db"]) == []
 
