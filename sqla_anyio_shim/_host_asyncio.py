@@ -28,6 +28,10 @@ async def drive(call: _Call, loop: asyncio.AbstractEventLoop, require_await: boo
     channel = call.channel
     switched = False
     cancelled: BaseException | None = None
+    # the caught cancellation had been requested before the host suspended
+    # (at an await point whose awaitable completed without suspending), not
+    # while the sync code ran plain Python
+    requested_before = False
     first = True
     while True:
         timeout = _wait_bound(first)
@@ -38,6 +42,7 @@ async def drive(call: _Call, loop: asyncio.AbstractEventLoop, require_await: boo
             call.async_waiting = True
             while not channel.take_message():
                 waiter = call.waiter = loop.create_future()
+                pending = getattr(call.task, "_must_cancel", False)
                 try:
                     await waiter
                 except _CancelledError as err:
@@ -66,6 +71,7 @@ async def drive(call: _Call, loop: asyncio.AbstractEventLoop, require_await: boo
                     # worker's next await_() (or, see _defer, once the task
                     # next suspends)
                     cancelled = err
+                    requested_before = requested_before or bool(pending)
                     call.cancel_count = _cancelling(call.task)
             call.async_waiting = False
         awaitable = _next_message(call)
@@ -83,8 +89,16 @@ async def drive(call: _Call, loop: asyncio.AbstractEventLoop, require_await: boo
             # under greenlet).  The count of cancel requests stays balanced.
             _rearm(call.task, cancelled)
             cancelled = None
+            requested_before = False
         await _serve(call, awaitable)
         del awaitable
+    if cancelled is not None and requested_before:
+        # requested at an await point whose awaitable finished without
+        # suspending: under greenlet it stayed pending on the task through
+        # the sync code's last stretch and landed at the task's next
+        # suspension -- or ended the task when it returned.  Put it back so.
+        _rearm(call.task, cancelled)
+        cancelled = None
     if cancelled is not None:
         # the cancellation arrived while the sync code ran its last stretch
         # of plain Python.  Under greenlet it could not have arrived before

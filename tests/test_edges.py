@@ -120,6 +120,45 @@ async def test_task_cancel_during_plain_python_lands_at_next_suspension(anyio_ba
     assert events == ["done", "cancelled at the next suspension"]
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_cancel_requested_at_an_await_point_still_ends_the_task(anyio_backend: Any) -> None:
+    """The boundary of scenarios 2 and 3: a cancellation requested at an
+    await point whose awaitable completes without suspending (SQLAlchemy's
+    cancellation sweep cancels so) stays pending on the task under greenlet
+    through the sync code's last stretch, and ends the task when it returns.
+    It must not be taken for one that arrived during plain Python -- even
+    when that stretch outlasts the hand-off and the host waits through the
+    loop (CI failed so once on 3.14t under load: 'cancel at await point 12
+    of 12 (AsyncConnection.close): the cancelled task ... returned
+    normally')."""
+    import time
+
+    async def cancel_own_task_without_suspending() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        return 1
+
+    def sync() -> str:
+        assert await_(cancel_own_task_without_suspending()) == 1
+        # plain Python well past handoff_timeout: the host waits for the
+        # rest of the call through the event loop
+        time.sleep(0.05)
+        return "done"
+
+    events: list[str] = []
+
+    async def victim() -> str:
+        events.append(await greenlet_spawn(sync))
+        return "returned normally"
+
+    task = asyncio.ensure_future(victim())
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    # the call's own outcome was kept, and the task ended cancelled
+    assert events == ["done"]
+
+
 # -- scenario 3: a task finishing with a cancellation pending keeps its result
 
 
