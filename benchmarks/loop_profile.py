@@ -5,7 +5,7 @@
     python benchmarks/loop_profile.py [--native] [--duration 20] [--rate 40] \\
         -- --cells reuse --db postgresql --reuse-tasks 100 --variants shim+asyncpg
 
-Starts ``bench.py`` with the arguments after ``--`` (plus many rounds, so the
+Starts ``python -m benchmarks`` with the arguments after ``--`` (plus many rounds, so the
 cell outlasts the recording), waits until the cell has started (past the data
 set-up), attaches ``py-spy record --idle --threads`` for ``--duration``
 seconds, stops the run and prints the loop thread's (``MainThread``) top
@@ -106,7 +106,9 @@ def main(argv: list[str]) -> int:
         )
         return 2
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "bench.py"), *bench_args],
+        # the runner as a package module, from the checkout's root
+        [sys.executable, "-m", "benchmarks", *bench_args],
+        cwd=os.path.dirname(HERE),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -160,7 +162,7 @@ def main(argv: list[str]) -> int:
     total, leaf, incl = aggregate(raw)
     print(
         f"loop thread (MainThread): {total} samples at {args.rate} Hz over {args.duration} s"
-        f"{' (native frames)' if args.native else ''}; bench.py {' '.join(bench_args)}"
+        f"{' (native frames)' if args.native else ''}; python -m benchmarks {' '.join(bench_args)}"
     )
     print("-- where it was (self, by line) --")
     for where, n in leaf[: args.top]:
