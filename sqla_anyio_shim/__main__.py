@@ -3,33 +3,36 @@
 * no argument / ``walkthrough``: the Core and ORM walk-through on embedded
   SQLite (asyncio + aiosqlite, trio + sqlite3 in the workers), greenlet-free;
 * ``conformance``: SQLAlchemy's own asyncio suite on the shim vs greenlet;
-* ``bench``: the benchmark runner (``benchmarks/bench.py`` of a checkout);
+* ``bench``: the benchmarks (``benchmarks/cli.py`` of a checkout, run from
+  its root);
 * ``run [OPTIONS] -- TARGET [ARGS]``: run a program (``-m MODULE``, a script,
   a console script such as ``uvicorn`` or ``pytest``) under the shim.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 
 def _bench(argv: list[str]) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
-    if not script.is_file():
+    """The benchmarks of a checkout (``benchmarks/cli.py``), imported as a
+    package: with ``python -m`` the current directory is on ``sys.path``, so
+    this works from the checkout's root.  The wheel does not ship them."""
+    import importlib
+
+    try:
+        cli = importlib.import_module("benchmarks.cli")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("benchmarks", "benchmarks.cli"):
+            raise
         print(
-            "the benchmark runner lives in the project checkout "
-            "(benchmarks/bench.py); run this from a source checkout",
+            "python -m sqla_anyio_shim bench: the benchmarks are not part of the "
+            "installed package; they need a checkout of the repository: run this "
+            "command from the checkout's root directory",
             file=sys.stderr,
         )
         return 2
-    spec = importlib.util.spec_from_file_location("sqla_anyio_shim_bench", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return int(module.main(argv))
+    return int(cli.main(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
