@@ -597,7 +597,12 @@ def test_names_bound_before_install_reach_the_bridge() -> None:
 # -- scenario 8: Ctrl-C ------------------------------------------------------
 
 _CTRL_C_CHILD = r"""
-import asyncio, os, sys, time
+import asyncio, os, signal, sys, time
+# Python installs its Ctrl-C handler at start-up only if SIGINT is not
+# ignored; a background job of a non-interactive shell (``cmd &`` in a
+# script) inherits SIGINT ignored, and the child would then never see the
+# presses.  Do what Python's start-up does for an interactive user.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import sqla_anyio_shim
 sqla_anyio_shim.install(handoff_timeout={handoff})
 from sqlalchemy.util import concurrency
