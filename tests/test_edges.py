@@ -679,8 +679,12 @@ def _busy_until_interrupted(started: threading.Event, seen: list[str]) -> None:
     PyThreadState_SetAsyncExc there skips ``except`` and ``finally``."""
     import time
 
-    started.set()
     try:
+        # set inside the try: Event.set() runs Python lines of its own after
+        # the waiter can already see the flag, and on 3.13 (sys.monitoring)
+        # the interrupt lands at the next line -- outside the try, had the
+        # event been set before it (the one failure CI saw, on 3.13t)
+        started.set()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             pass
