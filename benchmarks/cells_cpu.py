@@ -1,0 +1,220 @@
+"""The ``cpu`` cells (issue 10): CPU-heavy ORM reads.
+
+400 rows materialised per operation at 1 and 8 tasks: greenlet+aiosqlite,
+shim+aiosqlite, shim-sync+pysqlite and shim+aiosqlite under
+``PYTHON_GIL=1``.  Meant for a free-threaded interpreter (``--cpu-python``
+or ``BENCH_CPU_PYTHON``); a subprocess per measurement (``python -m
+benchmarks.cells_cpu``, from the checkout's root), because ``PYTHON_GIL`` is
+read at start-up, so every variant gets the same treatment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import random
+import subprocess
+import sys
+from typing import Any
+
+from ._method import (
+    Usage,
+    child_argv,
+    child_env,
+    child_main,
+    int_list,
+    interpreter_info,
+    log,
+    median,
+    module_cmd,
+    pct,
+    perf_counter,
+    rotate,
+    run_child,
+    selected,
+)
+from ._setup import (
+    GroupSizes,
+    Unavailable,
+    Variant,
+    async_engine,
+    count_items,
+    impl_check,
+    schema,
+    use_implementation,
+)
+
+# key -> (kind, driver, extra environment)
+CPU_VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "greenlet+aiosqlite": ("greenlet", "sqlite+aiosqlite", {}),
+    "shim+aiosqlite": ("shim", "sqlite+aiosqlite", {}),
+    "shim-sync+pysqlite": ("shim-sync", "sqlite+pysqlite", {}),
+    "shim+aiosqlite PYTHON_GIL=1": ("shim", "sqlite+aiosqlite", {"PYTHON_GIL": "1"}),
+}
+CPU_BASELINE = "greenlet+aiosqlite"
+
+
+def cpu_python(args: Any) -> str:
+    return str(args.cpu_python or os.environ.get("BENCH_CPU_PYTHON") or sys.executable)
+
+
+def run_cpu(args: Any, gs: GroupSizes, failed: list[str]) -> dict[str, Any]:
+    python = cpu_python(args)
+    env = dict(os.environ)
+    env.pop("PYTHON_GIL", None)
+    env = child_env(python, env)  # another interpreter: PYTHONPATH
+    info_proc = subprocess.run(
+        [
+            python,
+            "-c",
+            (
+                "import sys, sysconfig, json; print(json.dumps([sys.version.split()[0], "
+                "bool(sysconfig.get_config_var('Py_GIL_DISABLED')), "
+                "getattr(sys, '_is_gil_enabled', lambda: True)()]))"
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    try:
+        ver, ft, gil = json.loads(info_proc.stdout)
+    except ValueError:
+        failed.append(f"cpu: cannot run {python}: {info_proc.stderr[-300:]}")
+        return {"cells": [], "python": python}
+    label = f"CPython {ver}{'t (free-threaded build)' if ft else ' (GIL build)'}"
+    log(f"[cpu] interpreter: {python}: {label}")
+    keys = [k for k in CPU_VARIANTS if selected(k, args)]
+    cells: list[dict[str, Any]] = []
+    for tasks in int_list(args.cpu_tasks) or gs.cpu_tasks:
+        ops = gs.cpu_ops_for(tasks)
+        cell: dict[str, Any] = {
+            "tasks": tasks,
+            "ops_per_task": ops,
+            "rows": gs.cpu_rows,
+            "runs": {},
+            "errors": {},
+        }
+        t_cell = perf_counter()
+        for rnd in range(gs.rounds):
+            for key in rotate(keys, rnd):
+                if key in cell["errors"]:
+                    continue
+                cenv = dict(env, **CPU_VARIANTS[key][2])
+                res = run_child(
+                    module_cmd(
+                        python,
+                        "benchmarks.cells_cpu",
+                        child_argv(
+                            key, tasks, args, ["--ops", str(ops), "--rows", str(gs.cpu_rows)]
+                        ),
+                    ),
+                    cenv,
+                    900.0,
+                )
+                if "error" in res or "unavailable" in res:
+                    cell["errors"][key] = res.get("error") or "unavailable: " + res["unavailable"]
+                    log(f"  ERROR cpu c={tasks} {key}: {cell['errors'][key]}")
+                    continue
+                cell["runs"].setdefault(key, []).append(res)
+        cell["summary"] = {
+            key: {
+                "ops_per_s": median([r["ops_per_s"] for r in runs]),
+                "p50_ms": median([r["p50_us"] / 1000 for r in runs]),
+                "p99_ms": median([r["p99_us"] / 1000 for r in runs]),
+                "cpu_busy": median([r["cpu_s"] / r["wall"] for r in runs]),
+                "csw_per_op": median([(r["vcsw"] + r["ivcsw"]) / r["ops"] for r in runs]),
+                "vcsw_per_op": median([r["vcsw"] / r["ops"] for r in runs]),
+                "gil_enabled": runs[0]["interpreter"]["gil_enabled"],
+                "rounds": len(runs),
+            }
+            for key, runs in cell["runs"].items()
+        }
+        for key, e in cell["errors"].items():
+            failed.append(f"cpu c={tasks} {key}: {e}")
+        cells.append(cell)
+        parts = [
+            f"{k}={s['ops_per_s']:.0f}/s busy={s['cpu_busy']:.2f}"
+            for k, s in cell["summary"].items()
+        ]
+        log(f"[cpu c={tasks}] {perf_counter() - t_cell:.1f}s  " + "  ".join(parts))
+    return {
+        "cells": cells,
+        "python": python,
+        "interpreter": label,
+        "free_threaded_build": ft,
+        "gil_enabled_by_default": gil,
+    }
+
+
+def child_cpu(cargs: Any) -> dict[str, Any]:
+    from sqlalchemy import select
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    kind, driver, _ = CPU_VARIANTS[cargs.variant]
+    try:
+        use_implementation(kind)
+    except Unavailable as err:
+        return {"unavailable": str(err)}
+    v = Variant(cargs.variant, kind, driver, CPU_BASELINE)
+    tasks, ops, rows = cargs.tasks, cargs.ops, cargs.rows
+    engine = async_engine(
+        driver, "sqlite", cargs, pool_size=tasks, max_overflow=0, pool_timeout=600
+    )
+    Item = schema()[1]
+    Session = async_sessionmaker(engine, expire_on_commit=False)
+    n_items = count_items(cargs)
+    if n_items < rows:
+        raise RuntimeError(f"bench_items has {n_items} rows, the cpu cell needs {rows}")
+    rng = random.Random(11)
+
+    async def op(lat: list[float] | None) -> None:
+        start = rng.randint(1, n_items - rows + 1)
+        t = perf_counter()
+        async with Session() as s:
+            objs = (
+                (
+                    await s.execute(
+                        select(Item).where(Item.id >= start).order_by(Item.id).limit(rows)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        if lat is not None:
+            lat.append(perf_counter() - t)
+        assert len(objs) == rows, len(objs)
+
+    async def worker(n: int, lat: list[float] | None) -> None:
+        for _ in range(n):
+            await op(lat)
+
+    async def go() -> dict[str, Any]:
+        try:
+            await impl_check(v, engine)
+            await asyncio.gather(*(worker(2, None) for _ in range(tasks)))
+            gc.collect()
+            lat: list[float] = []
+            u0 = Usage.now()
+            await asyncio.gather(*(worker(ops, lat) for _ in range(tasks)))
+            u = Usage.now().since(u0)
+        finally:
+            await engine.dispose()
+        n = tasks * ops
+        return dict(
+            u,
+            ops=n,
+            ops_per_s=n / u["wall"],
+            p50_us=pct(lat, 0.5) * 1e6,
+            p99_us=pct(lat, 0.99) * 1e6,
+            interpreter=interpreter_info(),
+        )
+
+    return asyncio.run(go())
+
+
+if __name__ == "__main__":
+    sys.exit(child_main("python -m benchmarks.cells_cpu", child_cpu, sys.argv[1:]))
