@@ -29,6 +29,8 @@ DEFAULT_SQLITE_PATH = os.environ.get("BENCH_SQLITE_PATH", "/tmp/sqla_anyio_shim_
 
 @dataclass
 class Sizes:
+    """Sizes of the classic grid, and of the data set every group reads."""
+
     rounds: int
     items: int  # rows in the items table (= rows streamed)
     bulk: int  # rows per bulk insert
@@ -64,6 +66,8 @@ QUICK = Sizes(
 
 @dataclass
 class GroupSizes:
+    """Sizes of the hand-off cells (reuse, scale, cpu, fairness, hops)."""
+
     rounds: int
     reuse_tasks: list[int]
     reuse_k: dict[int, int]  # tasks -> selects per session

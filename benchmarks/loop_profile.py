@@ -2,7 +2,7 @@
 
 ::
 
-    python benchmarks/loop_profile.py [--native] [--duration 20] [--rate 40] \\
+    python -m benchmarks.loop_profile [--native] [--duration 20] [--rate 40] \\
         -- --cells reuse --db postgresql --reuse-tasks 100 --variants shim+asyncpg
 
 Starts ``python -m benchmarks`` with the arguments after ``--`` (plus many rounds, so the
