@@ -10,6 +10,8 @@
 #   - PostgreSQL, db "test": schemas test_schema and test_schema_2, the
 #     hstore and citext extensions, English full-text search config, and a
 #     login role "root" (the URLs the tests use connect as root);
+#   - PostgreSQL and MariaDB: a database shim_tests for the own tests and
+#     (PostgreSQL) shim_bench for the benchmarks, apart from the suite's;
 #   - MariaDB: databases test, test_schema and test_schema_2 (SQLAlchemy's
 #     mysql provisioning treats schemas as databases), utf8mb4.  The suite
 #     runs as root (empty password), which has rights on all three.
@@ -91,9 +93,15 @@ BEGIN
 END
 $$;
 SQL
-    if [ "$(pg_sql -d postgres -tA -c "SELECT 1 FROM pg_database WHERE datname = 'test'")" != "1" ]; then
-        pg_sql -d postgres -c "CREATE DATABASE test OWNER root ENCODING 'utf8' TEMPLATE template0" || return 1
-    fi
+    # test: SQLAlchemy's suite (run with --dropfirst, which empties it);
+    # shim_tests: the own tests, and shim_bench: the benchmarks -- apart, so
+    # that .ci/run can run them at the same time as the suite
+    local db
+    for db in test shim_tests shim_bench; do
+        if [ "$(pg_sql -d postgres -tA -c "SELECT 1 FROM pg_database WHERE datname = '$db'")" != "1" ]; then
+            pg_sql -d postgres -c "CREATE DATABASE $db OWNER root ENCODING 'utf8' TEMPLATE template0" || return 1
+        fi
+    done
     pg_sql -d test <<'SQL' || return 1
 CREATE SCHEMA IF NOT EXISTS test_schema AUTHORIZATION root;
 CREATE SCHEMA IF NOT EXISTS test_schema_2 AUTHORIZATION root;
@@ -101,7 +109,7 @@ CREATE EXTENSION IF NOT EXISTS hstore;
 CREATE EXTENSION IF NOT EXISTS citext;
 ALTER DATABASE test SET default_text_search_config = 'pg_catalog.english';
 SQL
-    log "PostgreSQL ready on $PGHOST:$PGPORT (db test; schemas test_schema, test_schema_2; role root)"
+    log "PostgreSQL ready on $PGHOST:$PGPORT (dbs test, shim_tests, shim_bench; schemas test_schema, test_schema_2 in test; role root)"
 }
 
 # -- MariaDB ------------------------------------------------------------------
@@ -142,8 +150,9 @@ setup_mariadb() {
 CREATE DATABASE IF NOT EXISTS test CHARACTER SET utf8mb4;
 CREATE DATABASE IF NOT EXISTS test_schema CHARACTER SET utf8mb4;
 CREATE DATABASE IF NOT EXISTS test_schema_2 CHARACTER SET utf8mb4;
+CREATE DATABASE IF NOT EXISTS shim_tests CHARACTER SET utf8mb4;
 SQL
-    log "MariaDB ready on $MYSQL_HOST:$MYSQL_PORT (databases test, test_schema, test_schema_2; user root)"
+    log "MariaDB ready on $MYSQL_HOST:$MYSQL_PORT (databases test, test_schema, test_schema_2, shim_tests; user root)"
 }
 
 # -- main ---------------------------------------------------------------------
