@@ -456,6 +456,23 @@ def test_options_are_install_keywords() -> None:
         assert option == "--" + keyword.replace("_", "-")
 
 
+def test_readme_and_usage_list_every_option() -> None:
+    """README's launcher paragraph and ``run --help`` name exactly the
+    options of the one table, ``OPTIONS``."""
+    import re
+
+    from sqla_anyio_shim._launcher import OPTIONS, USAGE
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("The options are `install()`'s keyword arguments:")
+    paragraph = readme[start : readme.index("\n\n", start)]
+    listed = re.findall(r"`(--[a-z][a-z-]*)[^`]*`", paragraph)
+    assert sorted(listed) == sorted(OPTIONS)
+    assert len(listed) == len(set(listed))
+    usage = re.findall(r"^  (--[a-z][a-z-]*)", USAGE, flags=re.MULTILINE)
+    assert usage == list(OPTIONS)
+
+
 def test_format_options_round_trip() -> None:
     import shlex
 
