@@ -26,6 +26,12 @@ It lives outside the package on purpose, like the ``pytest11`` entry point
 would first run the package's ``__init__``.  For the same reason it imports
 nothing that ``site`` has not imported already (no :mod:`typing`, no
 :mod:`threading`, no ``from __future__``).
+
+PYTEST_DONT_REWRITE: pytest marks every module of a distribution with a
+``pytest11`` entry point for assertion rewriting, and this one is imported
+before pytest starts whenever ``SQLA_ANYIO_SHIM=1`` (it holds no test
+assertions); without the marker pytest warns "Module already imported so
+cannot be rewritten".
 """
 
 import os
