@@ -234,10 +234,11 @@ def _installed_pth() -> Path | None:
 def _startup(project: Path, script: str, *args: str) -> list[str]:
     """The command that starts ``script`` with the start-up hook in effect.
 
-    A wheel install (tox, CI) has ``sqla_anyio_shim.pth`` in site-packages:
-    then it is a plain ``python script``.  An editable install has no .pth
-    (setuptools does not install one), so the same line is processed the way
-    ``site`` processes it at start-up, from a site directory made here."""
+    An install (a wheel under tox and CI, or ``pip install -e``) has
+    ``sqla_anyio_shim.pth`` in site-packages: then it is a plain ``python
+    script``.  Failing that (an install made before setup.py added the file
+    to the editable wheel), the same line is processed the way ``site``
+    processes it at start-up, from a site directory made here."""
     if _installed_pth() is not None:
         return [sys.executable, script, *args]
     assert not IN_CI, "CI=true: sqla_anyio_shim.pth is not installed (tox installs the wheel)"

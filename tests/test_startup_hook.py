@@ -141,6 +141,24 @@ def test_wheel_ships_both_startup_files(wheel: Path) -> None:
             assert record[name] == "sha256=" + digest.decode()
 
 
+def test_installed_distribution_has_both_startup_files() -> None:
+    """This environment's install (a wheel under tox and CI, an editable
+    one by hand: setup.py adds the files to setuptools' editable wheel)
+    has both files beside each other, in its RECORD."""
+    from importlib.metadata import distribution
+
+    dist = distribution("sqla-anyio-shim")
+    files = {str(f): f for f in dist.files or ()}
+    for name in ("sqla_anyio_shim.pth", "sqla_anyio_shim.start"):
+        assert name in files, f"{name} is not in the installed RECORD"
+        installed = Path(str(files[name].locate()))
+        assert installed.read_bytes() == (ROOT / name).read_bytes()
+    assert (
+        Path(str(files["sqla_anyio_shim.pth"].locate())).parent
+        == Path(str(files["sqla_anyio_shim.start"].locate())).parent
+    )
+
+
 # -- start-up, both ways -------------------------------------------------------
 
 #: after start-up: what is imported, and whether the hook is armed
