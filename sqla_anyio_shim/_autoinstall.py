@@ -84,11 +84,6 @@ def arm(kwargs: dict[str, Any], *, strict: bool) -> None:
     _start.arm(functools.partial(_install, kwargs, strict))
 
 
-def _disarm() -> bool:
-    """Remove the armed hook; whether there was one."""
-    return _start.disarm()
-
-
 def install_from_environment() -> None:
     """What the start-up hook runs once SQLAlchemy is imported: install the
     shim with ``SQLA_ANYIO_SHIM_OPTIONS``, or report why not.  (The start-up
