@@ -1,54 +1,50 @@
 """``SQLA_ANYIO_SHIM=1``: the shim in processes nobody starts by hand.
 
-The wheel ships ``sqla_anyio_shim.pth`` at the top of site-packages, and
-Python's :mod:`site` runs its one line at every start-up: it imports this
-module only if ``os.environ.get('SQLA_ANYIO_SHIM', '') not in ('', '0')``, so
-a process without the variable pays one dictionary look-up and imports
-nothing (``site`` has imported :mod:`os` already).  With it, this module
-reads ``SQLA_ANYIO_SHIM_OPTIONS`` (the launcher's option syntax, e.g.
-``--sync-drivers --max-workers 50``) and arms a one-shot import hook that
-installs the shim right after SQLAlchemy's top package is first imported --
-not at start-up, because
+The wheel ships a start-up hook at the top of site-packages:
+``sqla_anyio_shim.start`` (:pep:`829`, Python 3.15+) and
+``sqla_anyio_shim.pth`` (older interpreters; 3.15+ ignores its import line
+when the ``.start`` file is beside it).  Both run
+:func:`_sqla_anyio_shim_start.start`, a top-level module outside this
+package: without the variable it does nothing (before 3.15 the ``.pth`` line
+does not even import it: one dictionary look-up, ``site`` has imported
+:mod:`os` already).  With it, it arms a one-shot import hook **without
+importing this package**; the hook imports this module right after
+SQLAlchemy's top package is first imported, and :func:`install_from_environment`
+then reads ``SQLA_ANYIO_SHIM_OPTIONS`` (the launcher's option syntax, e.g.
+``--sync-drivers --max-workers 50``) and installs the shim -- not at
+start-up, because
 
 * a process that never uses SQLAlchemy then never imports it (importing it
-  takes about 0.4 s on a small machine, in every child process);
+  takes about 0.4 s on a small machine, in every child process), nor this
+  package (about 0.1 s: the bridge imports asyncio);
 * by then ``sys.path`` is final (the script's directory, a source tree's
   ``lib/`` that a test harness puts first), so the shim patches the
   SQLAlchemy the program actually uses.
 
-The launcher (:mod:`._launcher`) arms the same hook, with ``strict=True``.
+The launcher (:mod:`._launcher`) arms the same hook (:func:`arm`), with
+``strict=True``.
 
-Errors: a bad value in either variable is reported on stderr, naming the
-variable and the option, and the shim is **not installed**; the process goes
-on.  A start-up hook runs in every Python process of the environment (pip,
-tox, an editor's language server), and failing them all would also break
-the tools needed to fix the variable.  The launcher, one command, fails.
+Errors: a bad ``SQLA_ANYIO_SHIM`` is reported on stderr at start-up, a bad
+``SQLA_ANYIO_SHIM_OPTIONS`` when SQLAlchemy is imported (a process that
+never imports it has no use for them), each naming the variable and the
+option, and the shim is **not installed**; the process goes on.  A start-up
+hook runs in every Python process of the environment (pip, tox, an editor's
+language server), and failing them all would also break the tools needed to
+fix the variable.  The launcher, one command, fails.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import sys
-import threading
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from importlib.machinery import ModuleSpec
-    from types import ModuleType
+import _sqla_anyio_shim_start as _start
 
-ENV_FLAG = "SQLA_ANYIO_SHIM"
-ENV_OPTIONS = "SQLA_ANYIO_SHIM_OPTIONS"
+ENV_FLAG = _start.ENV_FLAG
+ENV_OPTIONS = _start.ENV_OPTIONS
 
-_lock = threading.Lock()
-_armed: _InstallOnImport | None = None
-
-
-def _report(message: str) -> None:
-    print(
-        f"sqla-anyio-shim: {message}; the shim is NOT installed in this process",
-        file=sys.stderr,
-    )
+_report = _start.report
 
 
 def _install(kwargs: dict[str, Any], strict: bool) -> None:
@@ -76,75 +72,6 @@ def _install(kwargs: dict[str, Any], strict: bool) -> None:
         lock.release()
 
 
-class _InstallAfterExec:
-    """The real loader of ``sqlalchemy``, plus :func:`_install` after it ran."""
-
-    def __init__(self, loader: Any, kwargs: dict[str, Any], strict: bool) -> None:
-        self._loader = loader
-        self._kwargs = kwargs
-        self._strict = strict
-
-    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
-        module: ModuleType | None = self._loader.create_module(spec)
-        return module
-
-    def exec_module(self, module: ModuleType) -> None:
-        # code that looks at sqlalchemy.__loader__ / __spec__.loader
-        # (importlib.resources) must see the real loader, never this one
-        module.__loader__ = self._loader
-        if module.__spec__ is not None:
-            module.__spec__.loader = self._loader
-        self._loader.exec_module(module)
-        _install(self._kwargs, self._strict)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loader, name)
-
-
-class _InstallOnImport:
-    """One-shot ``sys.meta_path`` finder: wraps the loader of ``sqlalchemy``."""
-
-    def __init__(self, kwargs: dict[str, Any], strict: bool) -> None:
-        self.kwargs = kwargs
-        self.strict = strict
-
-    def find_spec(
-        self,
-        fullname: str,
-        path: Sequence[str] | None,
-        target: ModuleType | None = None,
-    ) -> ModuleSpec | None:
-        if fullname != "sqlalchemy" or not _disarm(self):
-            return None
-        # ask the finders behind this one, as the import system would
-        for finder in list(sys.meta_path):
-            find = getattr(finder, "find_spec", None)
-            spec: ModuleSpec | None = find(fullname, path, target) if find else None
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec  # not a regular package: leave it alone
-        spec.loader = _InstallAfterExec(spec.loader, self.kwargs, self.strict)  # type: ignore[assignment]
-        return spec
-
-
-def _disarm(finder: _InstallOnImport | None = None) -> bool:
-    """Remove the armed hook (only ``finder``, if given); whether it was."""
-    global _armed
-    with _lock:
-        armed = _armed
-        if armed is None or (finder is not None and armed is not finder):
-            return False
-        _armed = None
-        try:
-            sys.meta_path.remove(armed)
-        except ValueError:
-            pass
-        return True
-
-
 def arm(kwargs: dict[str, Any], *, strict: bool) -> None:
     """Install the shim with ``kwargs`` right after SQLAlchemy is first
     imported, or now if it already is.  Replaces a hook armed before (the
@@ -154,24 +81,13 @@ def arm(kwargs: dict[str, Any], *, strict: bool) -> None:
         unsupported SQLAlchemy version) propagate; otherwise report it on
         stderr and go on without the shim.
     """
-    global _armed
-    _disarm()
-    if "sqlalchemy" in sys.modules:
-        _install(kwargs, strict)
-        return
-    finder = _InstallOnImport(kwargs, strict)
-    with _lock:
-        _armed = finder
-        sys.meta_path.insert(0, finder)
+    _start.arm(functools.partial(_install, kwargs, strict))
 
 
-def _from_environment() -> None:
-    flag = os.environ.get(ENV_FLAG, "")
-    if flag in ("", "0"):
-        return
-    if flag != "1":
-        _report(f"{ENV_FLAG}={flag!r}: set it to 1 to install the shim, or 0 / unset")
-        return
+def install_from_environment() -> None:
+    """What the start-up hook runs once SQLAlchemy is imported: install the
+    shim with ``SQLA_ANYIO_SHIM_OPTIONS``, or report why not.  (The start-up
+    hook checked ``SQLA_ANYIO_SHIM`` already.)"""
     import shlex
 
     from ._launcher import OptionError, parse_options
@@ -191,7 +107,4 @@ def _from_environment() -> None:
             "options only, e.g. '--sync-drivers --max-workers 50')"
         )
         return
-    arm(kwargs, strict=False)
-
-
-_from_environment()
+    _install(kwargs, strict=False)

@@ -24,8 +24,9 @@ import without the launcher, and a target that never uses SQLAlchemy pays
 nothing.  The launcher also exports ``SQLA_ANYIO_SHIM=1`` and
 ``SQLA_ANYIO_SHIM_OPTIONS``, so that Python processes the target starts
 (uvicorn's ``--workers`` and ``--reload``, pytest-xdist, multiprocessing)
-run under the shim too, through the ``sqla_anyio_shim.pth`` start-up hook of
-an installed wheel.
+run under the shim too, through the start-up hook of an installed wheel
+(``sqla_anyio_shim.pth``, or ``sqla_anyio_shim.start`` on Python 3.15+:
+see :mod:`._autoinstall`).
 
 The install options are :func:`sqla_anyio_shim.install`'s keyword
 arguments, spelled as command-line options; :func:`parse_options` is shared

@@ -234,10 +234,11 @@ def _installed_pth() -> Path | None:
 def _startup(project: Path, script: str, *args: str) -> list[str]:
     """The command that starts ``script`` with the start-up hook in effect.
 
-    A wheel install (tox, CI) has ``sqla_anyio_shim.pth`` in site-packages:
-    then it is a plain ``python script``.  An editable install has no .pth
-    (setuptools does not install one), so the same line is processed the way
-    ``site`` processes it at start-up, from a site directory made here."""
+    An install (a wheel under tox and CI, or ``pip install -e``) has
+    ``sqla_anyio_shim.pth`` in site-packages: then it is a plain ``python
+    script``.  Failing that (an install made before setup.py added the file
+    to the editable wheel), the same line is processed the way ``site``
+    processes it at start-up, from a site directory made here."""
     if _installed_pth() is not None:
         return [sys.executable, script, *args]
     assert not IN_CI, "CI=true: sqla_anyio_shim.pth is not installed (tox installs the wheel)"
@@ -252,9 +253,11 @@ def _startup(project: Path, script: str, *args: str) -> list[str]:
 
 
 def test_pth_is_in_the_wheel_build() -> None:
-    """setup.py ships the start-up hook; its one line is the documented one."""
+    """setup.py ships the start-up hook; its one line is the documented one
+    (tests/test_startup_hook.py checks the wheel and the PEP 829 file)."""
     line = (ROOT / "sqla_anyio_shim.pth").read_text().strip()
-    assert line.startswith("import os;") and "__import__('sqla_anyio_shim._autoinstall')" in line
+    assert line.startswith("import os;")
+    assert "__import__('_sqla_anyio_shim_start').start()" in line
     assert "\n" not in line
 
 
@@ -271,19 +274,20 @@ def test_env_var_form(project: Path) -> None:
 
 
 def test_env_var_installs_only_when_sqlalchemy_is_imported(project: Path) -> None:
-    """No cost for a process that never uses SQLAlchemy; nothing at all
-    (not even the package) without the variable."""
+    """No cost for a process that never uses SQLAlchemy: with the variable
+    only the start-up module (the package is imported with SQLAlchemy);
+    nothing at all without it."""
     (project / "plain.py").write_text(
         "import sys\n"
-        "print(sorted(m for m in sys.modules if m.startswith(('sqla_anyio_shim', 'sqlalchemy'))))\n"
+        "names = ('sqla_anyio_shim', '_sqla_anyio_shim', 'sqlalchemy', 'asyncio')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(names)))\n"
     )
     unset = _run(_startup(project, "plain.py"), project)
     assert unset.returncode == 0, unset.stderr
     assert unset.stdout.strip() == "[]"
     armed = _run(_startup(project, "plain.py"), project, SQLA_ANYIO_SHIM="1")
     assert armed.returncode == 0, armed.stderr
-    modules = armed.stdout.strip()
-    assert "sqlalchemy'" not in modules and "'sqla_anyio_shim._autoinstall'" in modules
+    assert armed.stdout.strip() == "['_sqla_anyio_shim_start']"
 
 
 @pytest.mark.parametrize(
@@ -451,6 +455,23 @@ def test_options_are_install_keywords() -> None:
     assert {keyword for keyword, _ in OPTIONS.values()} == keywords
     for option, (keyword, _) in OPTIONS.items():
         assert option == "--" + keyword.replace("_", "-")
+
+
+def test_readme_and_usage_list_every_option() -> None:
+    """README's launcher paragraph and ``run --help`` name exactly the
+    options of the one table, ``OPTIONS``."""
+    import re
+
+    from sqla_anyio_shim._launcher import OPTIONS, USAGE
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("The options are `install()`'s keyword arguments:")
+    paragraph = readme[start : readme.index("\n\n", start)]
+    listed = re.findall(r"`(--[a-z][a-z-]*)[^`]*`", paragraph)
+    assert sorted(listed) == sorted(OPTIONS)
+    assert len(listed) == len(set(listed))
+    usage = re.findall(r"^  (--[a-z][a-z-]*)", USAGE, flags=re.MULTILINE)
+    assert usage == list(OPTIONS)
 
 
 def test_format_options_round_trip() -> None:

@@ -117,6 +117,23 @@ def test_package_imported_before_pytest_starts(project: Path) -> None:
     assert _line(proc, "INSTALLED") == "True"
 
 
+def test_start_module_imported_before_pytest_starts(project: Path) -> None:
+    """``SQLA_ANYIO_SHIM=1``: the start-up module is imported before pytest
+    starts (its docstring opts out too).  Its start() is called here as
+    site would call it; conftest.py marks it as a wheel install would."""
+    sitedir = project / "site"
+    sitedir.mkdir()
+    (sitedir / "sitecustomize.py").write_text(
+        "import _sqla_anyio_shim_start\n_sqla_anyio_shim_start.start()\n"
+    )
+    (project / "conftest.py").write_text(
+        "import pytest\npytest.register_assert_rewrite('_sqla_anyio_shim_start')\n"
+    )
+    path = os.pathsep.join(filter(None, [str(sitedir), os.environ.get("PYTHONPATH")]))
+    proc = _pytest(project, PYTHONPATH=path, SQLA_ANYIO_SHIM="1")
+    assert _line(proc, "PLUGIN") == "False"
+
+
 def test_the_check_can_fail(project: Path) -> None:
     """The same pytest run does warn for a package imported early without
     the marker: the scenarios above would catch a regression."""
