@@ -17,10 +17,17 @@ assertion rewriting, warns "Module already imported so cannot be rewritten".
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from . import _admission, _bridge, _handoff, _patching, _workers
-from ._patching import UnsupportedSQLAlchemyVersion as UnsupportedSQLAlchemyVersion
+from . import _bridge, _options
+from ._sqla import _admission, _patching
+from ._sqla._patching import UnsupportedSQLAlchemyVersion as UnsupportedSQLAlchemyVersion
+
+# the package is the one place where the rooms are wired together: the
+# bridge's admission gate is SQLAlchemy knowledge (which calls hold a
+# connection, which await is the pool's queue)
+_bridge.set_gate(_admission)
 
 __all__ = [
     "Stats",
@@ -86,44 +93,32 @@ def install(
         task).
     :raises UnsupportedSQLAlchemyVersion: SQLAlchemy is not 2.0.x or 2.1.x.
     """
-    if handoff_timeout is not None and (
-        not isinstance(handoff_timeout, (int, float)) or handoff_timeout < 0
-    ):
-        raise ValueError(
-            f"handoff_timeout must be a number of seconds >= 0 or None, got {handoff_timeout!r}"
-        )
-    if slow_call_warning is not None and (
-        not isinstance(slow_call_warning, (int, float)) or slow_call_warning <= 0
-    ):
-        raise ValueError(
-            "slow_call_warning must be a positive number of seconds or None, "
-            f"got {slow_call_warning!r}"
-        )
-    if max_pool_waiters is not None and (
-        not isinstance(max_pool_waiters, int)
-        or isinstance(max_pool_waiters, bool)
-        or max_pool_waiters < 1
-    ):
-        raise ValueError(
-            f"max_pool_waiters must be a positive int or None, got {max_pool_waiters!r}"
-        )
-    _workers.pool.configure(
+    settings = _options.settings_from(
         max_workers=max_workers,
         idle_timeout=idle_timeout,
         max_idle_workers=max_idle_workers,
+        sync_drivers=sync_drivers,
+        handoff_timeout=handoff_timeout,
+        slow_call_warning=slow_call_warning,
+        max_pool_waiters=max_pool_waiters,
     )
-    _patching.install(sync_drivers=sync_drivers)
-    # threading.Lock.acquire(True, -1) waits without a bound
-    _handoff.handoff_timeout = -1 if handoff_timeout is None else handoff_timeout
-    _handoff.slow_hold_threshold = slow_call_warning
-    _admission.configure(max_pool_waiters)
+    _bridge.pool.configure(
+        max_workers=settings.max_workers,
+        idle_timeout=settings.idle_timeout,
+        max_idle_workers=settings.max_idle_workers,
+    )
+    _patching.install(sync_drivers=settings.sync_drivers)
+    _options.apply(settings)
+    _admission.configure(settings.max_pool_waiters)
 
 
 def uninstall() -> None:
     """Restore exactly what :func:`install` replaced (greenlet is used
     again if it is installed).  Idle worker threads are stopped."""
     _patching.uninstall()
-    _workers.pool.shutdown()
+    # the other options stay as they were (install() sets them all again)
+    _options.apply(dataclasses.replace(_options.current, sync_drivers=False))
+    _bridge.pool.shutdown()
 
 
 def is_installed() -> bool:
@@ -159,7 +154,7 @@ def stats(*, reset: bool = False) -> Stats:
     """What the bridge is doing now: worker threads, calls in flight, and
     the longest time a call held an event loop.  ``reset=True`` starts the
     longest-hold measurement afresh after reading it."""
-    pool = _workers.pool.stats()
+    pool = _bridge.pool.stats()
     calls = _bridge.call_stats()
     gate = _admission.gate_stats()
     if reset:

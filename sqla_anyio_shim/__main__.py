@@ -39,17 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     command = args.pop(0) if args and not args[0].startswith("-") else "walkthrough"
     if command == "walkthrough":
-        from ._walkthrough import main as walkthrough
+        from ._cli._walkthrough import main as walkthrough
 
         return walkthrough(args)
     if command == "conformance":
-        from ._conformance import main as conformance
+        from ._testing._conformance import main as conformance
 
         return conformance(args)
     if command == "bench":
         return _bench(args)
     if command == "run":
-        from ._launcher import main as run
+        from ._cli._launcher import main as run
 
         return run(args)
     print(

@@ -198,19 +198,18 @@ def _bridge_await_points(cancel_at: Any = ()) -> Iterator[Any]:
     """``testing.cancellation.await_points`` for the thread bridge."""
     from sqlalchemy.testing import cancellation
 
-    from . import _handoff
+    from . import _bridge
 
     points = cancellation.AwaitPoints(cancel_at)
 
     def hook(awaitable: Any) -> Any:
         return cancellation._InstrumentedAwaitable(awaitable, points)
 
-    previous = _handoff.await_hook
-    _handoff.await_hook = hook
+    previous = _bridge.set_await_hook(hook)
     try:
         yield points
     finally:
-        _handoff.await_hook = previous
+        _bridge.set_await_hook(previous)
 
 
 def _adapt_harness() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import sqla_anyio_shim
-from sqla_anyio_shim import _workers
+from sqla_anyio_shim._bridge import _workers
 from sqla_anyio_shim.pytest_plugin import gil_guard
 
 # free-threaded builds: the run fails if any import re-enables the GIL, or if

@@ -18,7 +18,8 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 import sqla_anyio_shim
-from sqla_anyio_shim import _admission, _workers
+from sqla_anyio_shim._bridge import _workers
+from sqla_anyio_shim._sqla import _admission
 
 from .test_sqlalchemy import Base, Item
 
@@ -189,7 +190,7 @@ async def test_cancelled_while_waiting_at_the_gate_leaves_nothing_behind(
 
 def test_bad_max_pool_waiters_is_refused() -> None:
     for bad in (0, -1, 2.5, True, "64"):
-        with pytest.raises(ValueError, match="max_pool_waiters must be a positive int or None"):
+        with pytest.raises(ValueError, match="max_pool_waiters must be a positive integer or None"):
             sqla_anyio_shim.install(max_pool_waiters=bad)  # type: ignore[arg-type]
     sqla_anyio_shim.install()
 
@@ -242,7 +243,7 @@ def test_what_counts_as_holding_a_connection(tmp_path: Any) -> None:
     from sqlalchemy import create_engine
     from sqlalchemy.orm import Session
 
-    from sqla_anyio_shim._admission import _holds_connection
+    from sqla_anyio_shim._sqla._admission import _holds_connection
 
     engine = create_engine(f"sqlite:///{tmp_path / 'holders.db'}")
     Base.metadata.create_all(engine)

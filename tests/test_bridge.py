@@ -17,7 +17,8 @@ import pytest
 from sqlalchemy import exc
 from sqlalchemy.util import concurrency
 
-from sqla_anyio_shim import _bridge, _handoff, _workers
+from sqla_anyio_shim import _bridge, _options
+from sqla_anyio_shim._bridge import _workers
 
 from .conftest import wait_until
 
@@ -330,7 +331,7 @@ async def test_cancel_while_sync_code_runs_lands_at_next_await(anyio_backend: An
             # wait (through the loop) until the worker is inside sync()
             while not started.is_set():
                 await anyio.sleep(0.001)
-            await anyio.sleep(_handoff.handoff_timeout * 2)
+            await anyio.sleep(_options.current.handoff_timeout * 2)
             tg.cancel_scope.cancel()
             release.set()
     assert outcome == ["plain python finished", "cancelled at next await_"]
@@ -366,7 +367,7 @@ async def test_cancel_while_sync_code_finishes_without_await(anyio_backend: Any)
             tg.start_soon(run)
             while not started.is_set():
                 await anyio.sleep(0.001)
-            await anyio.sleep(_handoff.handoff_timeout * 2)
+            await anyio.sleep(_options.current.handoff_timeout * 2)
             tg.cancel_scope.cancel()
             release.set()
     assert events == ["done", "cancelled at the next await"]
@@ -490,7 +491,7 @@ async def test_pending_cancel_still_starts_shielded_cleanup(
     close and leaked a "never awaited" warning."""
     import asyncio
 
-    from sqla_anyio_shim._primitives import asyncio_proxy
+    from sqla_anyio_shim._sqla._primitives import asyncio_proxy
 
     started = threading.Event()
     release = threading.Event()
@@ -509,7 +510,7 @@ async def test_pending_cancel_still_starts_shielded_cleanup(
     with anyio.fail_after(10):
         while not started.is_set():
             await asyncio.sleep(0.001)
-        await asyncio.sleep(_handoff.handoff_timeout * 2)
+        await asyncio.sleep(_options.current.handoff_timeout * 2)
         task.cancel()
         release.set()
         with pytest.raises(asyncio.CancelledError):
@@ -547,7 +548,7 @@ async def test_unbounded_handoff_keeps_sync_code_atomic(anyio_backend: Any) -> N
                 stop.set()
     finally:
         sqla_anyio_shim.install()
-    assert _handoff.handoff_timeout == 0.002
+    assert _options.current.handoff_timeout == 0.002
 
 
 def test_bad_handoff_timeout() -> None:

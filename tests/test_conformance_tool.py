@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from sqla_anyio_shim._conformance import _drop_first, _failure_summary
+from sqla_anyio_shim._testing._conformance import _drop_first, _failure_summary
 
 
 def test_server_databases_are_cleared_of_leftover_tables_first() -> None:

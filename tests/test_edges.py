@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import declarative_base
 from sqlalchemy.util import concurrency
 
-from sqla_anyio_shim import _handoff
+from sqla_anyio_shim import _options
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -112,7 +112,8 @@ async def test_task_cancel_during_plain_python_lands_at_next_suspension(anyio_ba
     task = asyncio.ensure_future(victim())
     while not started.is_set():
         await asyncio.sleep(0.001)
-    await asyncio.sleep(_handoff.handoff_timeout * 2 if _handoff.handoff_timeout > 0 else 0.01)
+    wait = _options.current.handoff_wait
+    await asyncio.sleep(wait * 2 if wait > 0 else 0.01)
     task.cancel()
     release.set()
     with pytest.raises(asyncio.CancelledError):
@@ -696,13 +697,13 @@ def _busy_until_interrupted(started: threading.Event, seen: list[str]) -> None:
 
 
 def test_interrupt_raised_in_a_thread_lands_inside_its_try() -> None:
-    """The mechanism behind scenario 8 (_async_raise): the interrupt is
+    """The mechanism behind scenario 8 (_interrupts): the interrupt is
     raised where the sync code's own handlers see it, on every supported
     interpreter (on 3.13, through sys.monitoring; 20 tries, because the
     faulty spot is hit about four times in five)."""
-    from sqla_anyio_shim import _async_raise
+    from sqla_anyio_shim._bridge import _interrupts
 
-    assert _async_raise.available()
+    assert _interrupts.available()
     for attempt in range(20):
         started = threading.Event()
         seen: list[str] = []
@@ -717,7 +718,7 @@ def test_interrupt_raised_in_a_thread_lands_inside_its_try() -> None:
         thread.start()
         assert started.wait(10)
         assert thread.ident is not None
-        _async_raise.raise_in_thread(thread.ident, KeyboardInterrupt)
+        _interrupts.raise_in_thread(thread.ident, KeyboardInterrupt)
         thread.join(10)
         assert not thread.is_alive()
         assert seen == ["except", "finally"], (attempt, seen)
@@ -726,7 +727,7 @@ def test_interrupt_raised_in_a_thread_lands_inside_its_try() -> None:
 def test_withdrawn_interrupt_is_never_raised() -> None:
     """An interrupt withdrawn before the thread ran another line (the worker
     left the sync code for the bridge's) is gone for good."""
-    from sqla_anyio_shim import _async_raise
+    from sqla_anyio_shim._bridge import _interrupts
 
     release = threading.Event()
     withdrawn = threading.Event()
@@ -746,8 +747,8 @@ def test_withdrawn_interrupt_is_never_raised() -> None:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     assert thread.ident is not None
-    _async_raise.raise_in_thread(thread.ident, KeyboardInterrupt)
-    _async_raise.withdraw(thread.ident)
+    _interrupts.raise_in_thread(thread.ident, KeyboardInterrupt)
+    _interrupts.withdraw(thread.ident)
     withdrawn.set()
     release.set()
     thread.join(10)
@@ -822,7 +823,7 @@ import sqla_anyio_shim
 sqla_anyio_shim.install()
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqla_anyio_shim import _workers
+from sqla_anyio_shim._bridge import _workers
 
 path = os.path.join(tempfile.mkdtemp(), "parked.db")
 engine = create_async_engine(
@@ -895,7 +896,7 @@ def test_worker_start_and_retirement_are_logged_at_debug(caplog: Any) -> None:
     retiring at DEBUG (issue 11, item 5)."""
     import logging
 
-    from sqla_anyio_shim import _workers
+    from sqla_anyio_shim._bridge import _workers
 
     pool = _workers.WorkerPool(idle_timeout=0.05)
     done = threading.Event()

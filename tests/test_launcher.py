@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from sqla_anyio_shim._launcher import OptionError, format_options, parse_options
+from sqla_anyio_shim._cli._launcher import OptionError, format_options, parse_options
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120
@@ -50,7 +50,7 @@ PROBE = textwrap.dedent(
     value = anyio.run(query)
 
     import sqla_anyio_shim
-    from sqla_anyio_shim import _workers
+    from sqla_anyio_shim._bridge import _workers
 
     print("PROBE " + json.dumps({
         "argv": sys.argv,
@@ -440,21 +440,22 @@ def test_parse_options_forms() -> None:
 
 
 def test_options_are_install_keywords() -> None:
-    """The launcher's options are exactly install()'s keyword arguments
-    (a new keyword of install() needs its option here)."""
+    """The one options table is exactly install()'s keyword arguments, with
+    the same defaults (a new keyword of install() needs its row)."""
     import inspect
 
     import sqla_anyio_shim
-    from sqla_anyio_shim._launcher import OPTIONS
+    from sqla_anyio_shim._options import OPTIONS
 
-    keywords = {
-        name
+    params = {
+        name: p.default
         for name, p in inspect.signature(sqla_anyio_shim.install).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
-    assert {keyword for keyword, _ in OPTIONS.values()} == keywords
-    for option, (keyword, _) in OPTIONS.items():
-        assert option == "--" + keyword.replace("_", "-")
+    assert [option.keyword for option in OPTIONS] == list(params)
+    for option in OPTIONS:
+        assert option.default == params[option.keyword], option.keyword
+        assert option.flag == "--" + option.keyword.replace("_", "-")
 
 
 def test_readme_and_usage_list_every_option() -> None:
@@ -462,16 +463,19 @@ def test_readme_and_usage_list_every_option() -> None:
     options of the one table, ``OPTIONS``."""
     import re
 
-    from sqla_anyio_shim._launcher import OPTIONS, USAGE
+    from sqla_anyio_shim._cli._launcher import USAGE
+    from sqla_anyio_shim._options import OPTIONS
+
+    flags = [option.flag for option in OPTIONS]
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     start = readme.index("The options are `install()`'s keyword arguments:")
     paragraph = readme[start : readme.index("\n\n", start)]
     listed = re.findall(r"`(--[a-z][a-z-]*)[^`]*`", paragraph)
-    assert sorted(listed) == sorted(OPTIONS)
+    assert sorted(listed) == sorted(flags)
     assert len(listed) == len(set(listed))
     usage = re.findall(r"^  (--[a-z][a-z-]*)", USAGE, flags=re.MULTILINE)
-    assert usage == list(OPTIONS)
+    assert usage == flags
 
 
 def test_format_options_round_trip() -> None:

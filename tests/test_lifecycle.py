@@ -27,9 +27,9 @@ import anyio
 import pytest
 from sqlalchemy.util import concurrency
 
-from sqla_anyio_shim import _workers
-from sqla_anyio_shim._primitives import _Waiter, _wake_one
-from sqla_anyio_shim._workers import PoolStats
+from sqla_anyio_shim._bridge import _workers
+from sqla_anyio_shim._bridge._wakeups import _Waiter, _wake_one
+from sqla_anyio_shim._bridge._workers import PoolStats
 
 from .conftest import wait_until
 
@@ -91,7 +91,7 @@ sqla_anyio_shim.install(sync_drivers=True)
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.util.concurrency import greenlet_spawn
-from sqla_anyio_shim import _workers
+from sqla_anyio_shim._bridge import _workers
 
 assert "greenlet" not in sys.modules
 
@@ -718,7 +718,7 @@ def test_primitive_waiter_finalized_inside_its_mutex() -> None:
     deadlock the queue.  The finalizer is played by ``coro.close()``."""
     from sqlalchemy.util.queue import AsyncAdaptedQueue
 
-    from sqla_anyio_shim import _primitives
+    from sqla_anyio_shim._sqla import _primitives
 
     queue = AsyncAdaptedQueue(maxsize=1)
     queue_state = _primitives._queue_state(queue)

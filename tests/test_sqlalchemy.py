@@ -23,7 +23,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.util import concurrency, queue as sqla_queue
 
-from sqla_anyio_shim import _handoff, _workers
+from sqla_anyio_shim import _bridge
+from sqla_anyio_shim._bridge import _workers
 
 from .conftest import wait_until
 
@@ -130,11 +131,11 @@ async def test_cancel_at_each_await_point_returns_connection(
         points[0] += 1
         return aw
 
-    _handoff.await_hook = counting
+    _bridge.set_await_hook(counting)
     try:
         await scenario(0)
     finally:
-        _handoff.await_hook = None
+        _bridge.set_await_hook(None)
     total = points[0]
     assert total > 3
 
@@ -153,7 +154,7 @@ async def test_cancel_at_each_await_point_returns_connection(
                     holder[0].cancel()
                 return aw
 
-            _handoff.await_hook = cancel_task_at_n
+            _bridge.set_await_hook(cancel_task_at_n)
             try:
                 task = asyncio.ensure_future(scenario(n))
                 holder.append(task)
@@ -163,7 +164,7 @@ async def test_cancel_at_each_await_point_returns_connection(
                     except asyncio.CancelledError:
                         pass
             finally:
-                _handoff.await_hook = None
+                _bridge.set_await_hook(None)
             assert task.cancelled(), f"cancel at await point {n} of {total} was lost"
         else:
             with anyio.CancelScope() as scope:
@@ -174,12 +175,12 @@ async def test_cancel_at_each_await_point_returns_connection(
                         scope.cancel()
                     return aw
 
-                _handoff.await_hook = cancel_scope_at_n
+                _bridge.set_await_hook(cancel_scope_at_n)
                 try:
                     with anyio.fail_after(20):
                         await scenario(n)
                 finally:
-                    _handoff.await_hook = None
+                    _bridge.set_await_hook(None)
             assert scope.cancelled_caught, f"cancel at await point {n} of {total} was lost"
         gc.collect()
         assert engine.pool.checkedout() == 0, f"slot lost at await point {n}"
@@ -513,7 +514,7 @@ async def test_sync_driver_stream(anyio_backend: Any, sync_drivers: None, tmp_pa
 async def test_sync_driver_walkthrough(
     anyio_backend: Any, sync_drivers: None, tmp_path: Any
 ) -> None:
-    from sqla_anyio_shim._walkthrough import walk
+    from sqla_anyio_shim._cli._walkthrough import walk
 
     lines: list[str] = []
     with anyio.fail_after(60):
@@ -522,7 +523,7 @@ async def test_sync_driver_walkthrough(
 
 
 async def test_aiosqlite_walkthrough(asyncio_only: None, anyio_backend: Any, tmp_path: Any) -> None:
-    from sqla_anyio_shim._walkthrough import walk
+    from sqla_anyio_shim._cli._walkthrough import walk
 
     lines: list[str] = []
     with anyio.fail_after(60):

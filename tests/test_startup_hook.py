@@ -242,7 +242,7 @@ def test_pep829_site_installs_the_shim_when_sqlalchemy_is_imported(tmp_path: Pat
         "before": [],
         "hooks": 1,
         "installed": True,
-        "spawn": "sqla_anyio_shim._bridge",
+        "spawn": "sqla_anyio_shim._bridge._entry",
         "hooks_after": 0,
     }
 
@@ -253,7 +253,7 @@ def test_pth_site_installs_the_shim_when_sqlalchemy_is_imported(tmp_path: Path) 
     code = f"import site; site.addsitedir({str(_site_with_both(tmp_path))!r})\n" + REPORT
     report = _report(_python(code, tmp_path, SQLA_ANYIO_SHIM="1"))
     assert report["before"] == [] and report["hooks"] == 1
-    assert report["installed"] is True and report["spawn"] == "sqla_anyio_shim._bridge"
+    assert report["installed"] is True and report["spawn"] == "sqla_anyio_shim._bridge._entry"
 
 
 def test_start_twice_arms_once(tmp_path: Path) -> None:
@@ -275,7 +275,7 @@ def test_start_without_the_variable_does_nothing(tmp_path: Path, flag: str) -> N
     code = _pep829_site(_site_with_both(tmp_path)) + REPORT
     report = _report(_python(code, tmp_path, SQLA_ANYIO_SHIM=flag))
     assert report["hooks"] == 0 and report["installed"] is False
-    assert report["spawn"] != "sqla_anyio_shim._bridge"
+    assert report["spawn"] != "sqla_anyio_shim._bridge._entry"
 
 
 def test_bad_options_are_reported_when_sqlalchemy_is_imported(tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
 """The worker threads that run SQLAlchemy's synchronous code.
 
-A worker is a plain :class:`threading.Thread` that waits on its own lock for
-a job, runs it, and goes back to the idle stack.  Why not
+A worker is a plain :class:`threading.Thread` that waits on its own wake-up
+for a job, runs it, and goes back to the idle stack.  Why not
 ``concurrent.futures`` or ``anyio.to_thread``: the bridge needs to hand a job
-to a *specific* thread and wake it with the cheapest primitive CPython has (a
-bare ``threading.Lock`` release), and it needs the worker to mark itself idle
+to a *specific* thread and wake it with the cheapest primitive the platform
+has (an eventfd on Linux, a ``threading.Lock`` elsewhere: see _channel), and
+it needs the worker to mark itself idle
 *before* it delivers its last message, so that the next ``greenlet_spawn()``
 of the same task, which usually follows at once, finds this warm thread
 instead of starting a new one (the same trick as trio's ``_threads.py``).
@@ -47,9 +48,9 @@ Thread safety (also without the GIL, on free-threaded CPython)
   the count of threads being started, the waiter queue and each worker's
   ``released`` flag -- is read and written only under the pool's lock;
   nothing relies on a list, set or deque operation being atomic.
-* A job is handed over through the worker's own ``wake`` lock: the
-  submitter writes ``_job`` and then releases ``wake``, the worker acquires
-  ``wake`` and then reads ``_job``; the lock orders the two.
+* A job is handed over through the worker's own wake-up: the submitter
+  writes ``_job`` and then signals it, the worker waits on it and then
+  reads ``_job``; the wake-up (a system call or a lock) orders the two.
 * ``configure()`` writes the settings under the pool's lock; a worker reads
   ``idle_timeout`` without it, where an old or a new value are both fine.
 * Wake-up callables of waiters are called under the pool's lock, so they
@@ -195,18 +196,7 @@ class WorkerPool:
         idle_timeout: float,
         max_idle_workers: int | None,
     ) -> None:
-        if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):
-            raise ValueError(f"max_workers must be a positive integer or None, got {max_workers!r}")
-        if not isinstance(idle_timeout, (int, float)) or idle_timeout <= 0:
-            raise ValueError(
-                f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}"
-            )
-        if max_idle_workers is not None and (
-            not isinstance(max_idle_workers, int) or max_idle_workers < 0
-        ):
-            raise ValueError(
-                f"max_idle_workers must be a non-negative integer or None, got {max_idle_workers!r}"
-            )
+        """Set the pool's options, checked by install() (_options)."""
         with self._lock:
             self.max_workers = max_workers
             self.idle_timeout = float(idle_timeout)

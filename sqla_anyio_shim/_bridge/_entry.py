@@ -1,59 +1,45 @@
-"""The thread bridge's entry points: ``greenlet_spawn()`` / ``await_()``
-without greenlet, and what SQLAlchemy's patched modules call.
+"""The bridge's entry points: ``greenlet_spawn()`` / ``await_()`` without
+greenlet, and the helpers SQLAlchemy's patched modules call.
 
-Where the mechanism lives (see docs/principle.md for the why):
-
-* :mod:`._handoff` -- one call's hand-off between the host task and its
-  worker thread (messages, context variables, Ctrl-C, settings);
-* :mod:`._channel` -- the wake-up primitive of one hop (eventfd);
-* :mod:`._host_asyncio` / :mod:`._host_trio` -- the host loop per backend,
-  and where cancellation is delivered;
-* :mod:`._loop_proxy` -- the asyncio loop as sync code in a worker sees it;
-* :mod:`._workers` -- the worker threads.
+``greenlet_spawn()`` admits the call (the pool gate, see _host.Gate) and
+hands it to its backend (:mod:`._asyncio` or :mod:`._trio`), which starts it
+on a worker and serves it through the one host loop, _host.run_call.  In
+the worker, ``await_()`` hands each awaitable back to that host
+(_call._Call.switch).
 """
 
 from __future__ import annotations
 
 import asyncio
-import types
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
-from . import _admission, _host_asyncio, _host_trio, _workers
-from ._handoff import (  # re-exported for _patching, _primitives and stats()
-    AWAIT_REQUIRED_MESSAGE as AWAIT_REQUIRED_MESSAGE,
-    HOST_GONE_MESSAGE as HOST_GONE_MESSAGE,
-    HostGone as HostGone,
-    _Call as _Call,
-    _exc as _exc,
-    _local as _local,
-    _mailbox_for,
-    _safe_close as _safe_close,
-    call_stats as call_stats,
-    reset_longest_hold as reset_longest_hold,
-    run_call,
-)
+from . import _asyncio, _host, _trio
+from ._call import _local, safe_close, sqlalchemy_exc
 from ._loop_proxy import _OnLoop
-from ._waiters import _Waiter
 
 _T = TypeVar("_T")
 
 _get_running_loop = asyncio._get_running_loop
 _current_task = asyncio.current_task
 
-#: Whether every ``greenlet_spawn()`` on asyncio starts with a checkpoint
-#: (set while sync drivers are enabled).  A sync driver's query runs in the
-#: worker and never suspends the task, so without it a task looping on
-#: queries would hold the loop, and a cancellation pending on it (a
-#: deadline) would not be delivered before its next statement or commit.
-#: Under trio every call is a checkpoint (trio's own convention).
-checkpoint_calls = False
-
-# messages of the SQLAlchemy line in use; set by _patching
-MISSING_GREENLET_MESSAGE = (
+# the message of the SQLAlchemy line in use (set_missing_greenlet_message)
+_missing_greenlet_message = (
     "greenlet_spawn has not been called; can't call await_() "
     "here. Was IO attempted in an unexpected place?"
 )
+
+
+def set_missing_greenlet_message(message: str) -> None:
+    """``MissingGreenlet``'s message as the installed SQLAlchemy line
+    words it (set by _sqla._patching)."""
+    global _missing_greenlet_message
+    _missing_greenlet_message = message
+
+
+def missing_greenlet() -> BaseException:
+    """The ``MissingGreenlet`` that ``await_()`` outside a bridge raises."""
+    return sqlalchemy_exc().MissingGreenlet(_missing_greenlet_message)  # type: ignore[no-any-return]
 
 
 def run_on_loop_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -90,8 +76,8 @@ def await_(awaitable: Awaitable[_T]) -> _T:
     :func:`greenlet_spawn`, returning its result."""
     call = getattr(_local, "call", None)
     if call is None:
-        _safe_close(awaitable)
-        raise _exc().MissingGreenlet(MISSING_GREENLET_MESSAGE)
+        safe_close(awaitable)
+        raise missing_greenlet()
     return call.switch(awaitable)  # type: ignore[no-any-return]
 
 
@@ -105,21 +91,14 @@ def await_fallback(awaitable: Awaitable[_T]) -> _T:
         if loop is None:
             loop = asyncio.get_event_loop_policy().get_event_loop()
         if loop.is_running():
-            _safe_close(awaitable)
-            raise _exc().MissingGreenlet(
+            safe_close(awaitable)
+            raise sqlalchemy_exc().MissingGreenlet(
                 "greenlet_spawn has not been called and asyncio event "
                 "loop is already running; can't call await_fallback() here. "
                 "Was IO attempted in an unexpected place?"
             )
         return loop.run_until_complete(awaitable)
     return cast(_T, call.switch(awaitable))
-
-
-@types.coroutine
-def _yield() -> Any:
-    """One trip through the asyncio loop (``asyncio.sleep(0)`` without the
-    call): other tasks run, and a pending cancellation is delivered here."""
-    yield
 
 
 async def greenlet_spawn(
@@ -131,49 +110,15 @@ async def greenlet_spawn(
     """Run the sync callable ``fn`` in a worker thread; every
     :func:`await_` it performs is awaited by the calling task."""
     # calls contending for pool connections beyond max_pool_waiters wait
-    # here, in the loop, without a thread (see _admission)
-    slot = _admission.try_admit()
+    # here, in the loop, without a thread (see _sqla._admission)
+    gate = _host.gate
+    slot = gate.try_admit()
     if slot is None:
-        slot = await _admission.admit(fn, args)
+        slot = await gate.admit(fn, args)
     loop = _get_running_loop()
     if loop is not None:
-        try:
-            if checkpoint_calls:
-                await _yield()
-            worker = _workers.pool.try_acquire()
-            if worker is None:
-                worker = await _wait_for_worker()
-        except BaseException:
-            if slot:
-                _admission.release()
-            raise
-        mailbox = _mailbox_for(loop, loop.call_soon_threadsafe)
-        call = _Call(fn, args, kwargs, mailbox, loop)
-        call.task = _current_task(loop)
-        call.gate_slot = slot
-        return cast(_T, await run_call(call, worker, _host_asyncio.drive, loop, _require_await))
-    return cast(
-        _T, await _host_trio.spawn(fn, args, kwargs, _require_await, _wait_for_worker, slot)
-    )
-
-
-async def _wait_for_worker() -> _workers._Worker:
-    """max_workers is reached: wait, without blocking the loop, for a worker
-    to come free (either backend)."""
-    pool = _workers.pool
-    while True:
-        waiter = _Waiter()
-        worker = pool.add_waiter(waiter.wake)
-        if worker is not None:
-            return worker
-        try:
-            await waiter.wait()
-        except BaseException:
-            pool.remove_waiter(waiter.wake)
-            raise
-        worker = pool.try_acquire()
-        if worker is not None:
-            return worker
+        return cast(_T, await _asyncio.spawn(loop, fn, args, kwargs, _require_await, slot))
+    return cast(_T, await _trio.spawn(fn, args, kwargs, _require_await, slot))
 
 
 def current_task(loop: asyncio.AbstractEventLoop | None = None) -> Any:

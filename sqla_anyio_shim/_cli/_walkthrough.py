@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   ok  {line}")
 
         anyio.run(walk, url, say, backend=backend)
-    from . import _workers
+    from .._bridge import _workers
 
     print(f"== done: worker threads alive {_workers.pool.total} (idle {_workers.pool.idle})")
     if before or "greenlet" in sys.modules:

@@ -40,7 +40,8 @@ import threading
 import types
 from typing import Any
 
-from . import _bridge, _primitives, _sync_drivers
+from .. import _bridge
+from . import _primitives, _sync_drivers
 
 SUPPORTED_LINES = ((2, 0), (2, 1))
 SUPPORTED_TEXT = "SQLAlchemy 2.0.x and 2.1.x"
@@ -183,9 +184,8 @@ class _Installation:
     def set_sync_drivers(self, flag: bool) -> None:
         self.sync_drivers = flag
         _sync_drivers.enabled = flag
-        # a sync driver's query never suspends the task: each
-        # greenlet_spawn() is then a checkpoint (fairness, cancellation)
-        _bridge.checkpoint_calls = flag
+        # (each greenlet_spawn() is then a checkpoint: the bridge reads
+        # that from the settings, _options.Settings.checkpoint_calls)
 
     def set(self, target: Any, name: str, value: Any) -> None:
         old = (
@@ -411,7 +411,6 @@ def uninstall() -> None:
             sys.meta_path.remove(inst.finder)
         inst.restore()
         _sync_drivers.enabled = False
-        _bridge.checkpoint_calls = False
 
 
 def _plan_lock(inst: _Installation, concurrency: Any) -> None:
@@ -430,7 +429,7 @@ def _plan_lock(inst: _Installation, concurrency: Any) -> None:
 
 
 def _plan_21(inst: _Installation, concurrency: Any) -> None:
-    _bridge.MISSING_GREENLET_MESSAGE = (
+    _bridge.set_missing_greenlet_message(
         "greenlet_spawn has not been called; can't call await_() "
         "here. Was IO attempted in an unexpected place?"
     )
@@ -452,7 +451,7 @@ def _plan_21(inst: _Installation, concurrency: Any) -> None:
 
 
 def _plan_20(inst: _Installation, concurrency: Any) -> None:
-    _bridge.MISSING_GREENLET_MESSAGE = (
+    _bridge.set_missing_greenlet_message(
         "greenlet_spawn has not been called; can't call await_only() "
         "here. Was IO attempted in an unexpected place?"
     )
@@ -493,7 +492,7 @@ def _plan_20(inst: _Installation, concurrency: Any) -> None:
                 "_AsyncIoGreenlet": _bridge._Call,
                 "_Runner": runner,
                 "get_event_loop": _get_event_loop,
-                "_safe_cancel_awaitable": _bridge._safe_close,
+                "_safe_cancel_awaitable": _bridge.safe_close,
                 "iscoroutine": asyncio.iscoroutine,
             }
             for name, value in {**names, **extra}.items():

@@ -34,24 +34,22 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import _admission, _bridge
-from ._waiters import (  # noqa: F401 -- re-exported for the tests
+from .. import _bridge
+from .._bridge._wakeups import (
     _abandon,
     _deadline,
-    _set_result_unless_done,
     _wait,
     _Waiter,
     _wake_one,
 )
+from . import _admission
 
 _get_running_loop = asyncio._get_running_loop
 _TIMEOUT = object()
 
 
 def _missing_greenlet() -> BaseException:
-    return _bridge._exc().MissingGreenlet(  # type: ignore[no-any-return]
-        _bridge.MISSING_GREENLET_MESSAGE
-    )
+    return _bridge.missing_greenlet()
 
 
 # -- the pool's queue ------------------------------------------------------

@@ -50,7 +50,7 @@ _report = _start.report
 def _install(kwargs: dict[str, Any], strict: bool) -> None:
     import sqla_anyio_shim
 
-    from . import _patching
+    from .._sqla import _patching
 
     # An explicit install() imports SQLAlchemy itself, which fires the hook:
     # that install() finishes the job with its own options, and installing

@@ -34,7 +34,7 @@ import threading
 from collections import deque
 from typing import Any
 
-from ._waiters import _deadline, _wait, _Waiter
+from .._bridge._wakeups import _deadline, _wait, _Waiter
 
 #: admission slots (``None``: no admission control); set by
 #: install(max_pool_waiters=...)

@@ -1,9 +1,12 @@
-"""Raise an exception in another thread at its next line of Python code.
+"""Ctrl-C in the sync code: raise an exception in a worker thread at its
+next line of Python code.
 
 Used for one thing only: a Ctrl-C (or the runner's teardown cancel) that hit
 the event loop thread while a worker runs the caller's sync code.  On
 greenlet that sync code runs on the loop thread, where the signal lands in
-it directly; here the interrupt has to be carried over to the worker.
+it directly; here the interrupt has to be carried over to the worker
+(:func:`inject`), and only while the worker runs the caller's code, never
+the bridge's (``_Call.enter_user`` / ``leave_user``).
 
 Two mechanisms, chosen by interpreter:
 
@@ -21,16 +24,19 @@ Two mechanisms, chosen by interpreter:
 
 Both are best effort by nature: code blocked in a C call sees the exception
 only when it returns to Python (the bridge then also delivers the interrupt
-at the next ``await_()``, see _handoff._next_message).
+at the next ``await_()``, see _host._next_message).
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["raise_in_thread", "withdraw"]
+if TYPE_CHECKING:
+    from ._call import _Call
+
+__all__ = ["available", "inject", "raise_in_thread", "withdraw"]
 
 _TOOL_NAME = "sqla-anyio-shim"
 
@@ -125,3 +131,16 @@ def _monitoring_tool() -> int | None:
                 _tool_id = candidate
                 break
     return _tool_id
+
+
+def inject(call: _Call, exc_type: type) -> None:
+    """Raise ``exc_type`` in ``call``'s worker at its next line, if it is
+    running the caller's sync code (never inside the bridge's own code), as
+    a signal raises in whatever Python code greenlet's loop thread is
+    running."""
+    if not available():
+        return
+    with call.state:
+        if call.user_running and not call.injected:
+            call.injected = True
+            raise_in_thread(call.thread_id, exc_type)

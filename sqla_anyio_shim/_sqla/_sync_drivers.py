@@ -36,7 +36,7 @@ import threading
 from collections import deque
 from typing import Any
 
-from . import _bridge
+from .. import _bridge
 
 enabled = False
 
@@ -252,7 +252,7 @@ def wrap_connect(original: Any) -> Any:
 def check_backend(dialect: Any) -> None:
     """An asyncio-only driver under trio: fail at once, clearly."""
     if dialect.is_async and not is_sync_driver_dialect(dialect) and _bridge.host_is_trio():
-        raise _bridge._exc().InvalidRequestError(
+        raise _bridge.sqlalchemy_exc().InvalidRequestError(
             f"The {dialect.driver!r} driver needs an asyncio event loop and "
             "cannot run under trio. Under trio, use a sync DBAPI driver "
             "through the shim's workers: sqla_anyio_shim.install("

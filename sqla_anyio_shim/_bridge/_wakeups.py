@@ -1,19 +1,27 @@
-"""One-shot wake-ups for tasks waiting on state that worker threads change:
-the waiters behind the pool's queue, the event lock, and calls waiting for a
-worker (``max_workers``).
+"""Waking a task from a worker thread: the two ways the package does it.
 
-A waiter is a future (asyncio) or an Event (trio) created on the loop by the
-waiting task; any thread wakes it thread-safely.  Its own module so that the
-bridge (which waits for workers) and the primitives (which wait for queue
-items and the lock) share it without importing each other.
+* :class:`_Mailbox`: a worker whose host waits through the event loop wakes
+  it here (see _host.run_call), coalesced per loop.
+* :class:`_Waiter`: a one-shot wake-up for a task waiting on state that
+  worker threads change -- the pool's queue and the event lock
+  (``_sqla._primitives``), admission (``_sqla._admission``) and a free worker
+  (``max_workers``, _host.acquire_worker).  A future (asyncio) or an Event
+  (trio) created on the loop by the waiting task; any thread wakes it
+  thread-safely.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import threading
+import weakref
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._call import _Call
 
 _get_running_loop = asyncio._get_running_loop
 
@@ -146,3 +154,72 @@ def _deadline(timeout: float | None) -> float | None:
     import anyio
 
     return anyio.current_time() + max(timeout, 0.0)
+
+
+# -- host wake-ups -------------------------------------------------------------
+
+
+class _Mailbox:
+    """The worker -> loop wake-ups of one event loop (asyncio) or trio run,
+    coalesced.
+
+    A worker whose host waits through the loop must wake the loop thread,
+    which costs a write to the loop's self-pipe and a trip out of its
+    ``select()``.  Under load many workers finish a stretch of sync code
+    while the loop thread is busy or asleep; they all go in one list here
+    and only the first schedules a drain, which wakes every host at once,
+    in the order their messages arrived."""
+
+    __slots__ = ("__weakref__", "_calls", "_lock", "_schedule", "_scheduled")
+
+    def __init__(self, schedule: Callable[[Callable[[], None]], Any]) -> None:
+        self._lock = threading.Lock()
+        self._calls: list[_Call] = []
+        self._scheduled = False
+        self._schedule = schedule
+
+    def post(self, call: _Call) -> None:
+        """Called by a worker thread: wake ``call``'s host."""
+        with self._lock:
+            self._calls.append(call)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._schedule(self._drain)
+        except RuntimeError:
+            # the loop is closed: nobody is left to wake (the host's
+            # coroutine is closed with it; see _host._abandon)
+            with self._lock:
+                self._calls.clear()
+                self._scheduled = False
+
+    def _drain(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+            self._scheduled = False
+        for call in calls:
+            call.host.wake()
+
+
+#: per host thread: (loop or trio token, its mailbox) of the last call
+_hosts = threading.local()
+
+
+def mailbox_for(key: Any, schedule: Callable[[Callable[[], None]], Any]) -> _Mailbox:
+    """The mailbox of the event loop (or trio run) ``key``, made on first
+    use; ``schedule`` runs a callable on its thread, thread-safely."""
+    cached = getattr(_hosts, "last", None)
+    if cached is not None and cached[0] is key:
+        return cached[1]  # type: ignore[no-any-return]
+    boxes = getattr(_hosts, "boxes", None)
+    if boxes is None:
+        boxes = _hosts.boxes = weakref.WeakKeyDictionary()
+    try:
+        mailbox = boxes.get(key)
+        if mailbox is None:
+            mailbox = boxes[key] = _Mailbox(schedule)
+    except TypeError:  # not weak-referenceable: one mailbox per call
+        return _Mailbox(schedule)
+    _hosts.last = (key, mailbox)
+    return mailbox

@@ -41,74 +41,37 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-USAGE = """\
+from .._options import BY_FLAG, OPTIONS, OptionError, format_word, parse_word
+
+__all__ = ["OPTIONS", "OptionError", "format_options", "main", "parse_options"]
+
+
+def _option_lines() -> str:
+    """The OPTIONS part of the usage, from the one options table."""
+    lines = []
+    for option in OPTIONS:
+        if option.kind.parse is None:
+            lines += [f"  {option.flag}", f"      {option.help}"]
+        else:
+            default = format_word(option, option.default)
+            lines += [
+                f"  {option.flag} VALUE",
+                f"      {option.help};",
+                f"      {option.kind.words} (default: {default})",
+            ]
+    return "\n".join(lines)
+
+
+USAGE = f"""\
 usage: python -m sqla_anyio_shim run [OPTIONS] -- TARGET [ARGS...]
 
 TARGET:  -m MODULE | path/to/script.py | console-script name (uvicorn, pytest, ...)
 
 OPTIONS (install()'s keyword arguments):
-  --max-workers N         cap on worker threads, or "none" (default: none)
-  --idle-timeout SECONDS  idle worker threads retire after this (default: 10)
-  --max-idle-workers N    idle workers kept at most, or "none" (default: none)
-  --sync-drivers          let create_async_engine() run sync DBAPI drivers
-  --handoff-timeout S     seconds the loop blocks on a hand-off, or "none"
-                          (greenlet's full atomicity; default: 0.002)
-  --slow-call-warning S   log a WARNING when sync code holds the loop longer
-                          than this, or "none" (default: 0.1)
-  --max-pool-waiters N    calls at the connection pool at once before new
-                          ones wait threadless in the loop, or "none"
-                          (default: 64)
+{_option_lines()}
 
 The environment variable SQLA_ANYIO_SHIM=1 does the same for processes not
 started by hand, with these options in SQLA_ANYIO_SHIM_OPTIONS."""
-
-
-class OptionError(ValueError):
-    """A bad install option; the message names the option and what it takes."""
-
-
-def _count(minimum: int) -> Callable[[str], int | None]:
-    def parse(text: str) -> int | None:
-        if text.lower() == "none":
-            return None
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise ValueError(f"a whole number >= {minimum} or 'none'")
-        return value
-
-    return parse
-
-
-def _seconds(*, allow_none: bool, allow_zero: bool) -> Callable[[str], float | None]:
-    def parse(text: str) -> float | None:
-        if allow_none and text.lower() == "none":
-            return None
-        try:
-            value = float(text)
-        except ValueError:
-            value = -1.0
-        if not (value > 0 or (allow_zero and value == 0)) or value != value:
-            bound = ">= 0" if allow_zero else "> 0"
-            extra = " or 'none'" if allow_none else ""
-            raise ValueError(f"a number of seconds {bound}{extra}")
-        return value
-
-    return parse
-
-
-#: option -> (install() keyword, value parser; None for a flag)
-OPTIONS: dict[str, tuple[str, Callable[[str], Any] | None]] = {
-    "--max-workers": ("max_workers", _count(1)),
-    "--idle-timeout": ("idle_timeout", _seconds(allow_none=False, allow_zero=False)),
-    "--max-idle-workers": ("max_idle_workers", _count(0)),
-    "--sync-drivers": ("sync_drivers", None),
-    "--handoff-timeout": ("handoff_timeout", _seconds(allow_none=True, allow_zero=True)),
-    "--slow-call-warning": ("slow_call_warning", _seconds(allow_none=True, allow_zero=False)),
-    "--max-pool-waiters": ("max_pool_waiters", _count(1)),
-}
 
 
 def parse_options(args: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -129,24 +92,21 @@ def parse_options(args: list[str]) -> tuple[dict[str, Any], list[str]]:
         if arg == "-m" or not arg.startswith("-"):
             return kwargs, args[i:]
         name, has_value, value = arg.partition("=")
-        if name not in OPTIONS:
-            known = ", ".join(OPTIONS)
+        option = BY_FLAG.get(name)
+        if option is None:
+            known = ", ".join(BY_FLAG)
             raise OptionError(f"unknown option {name!r} (the options are {known})")
-        keyword, parse = OPTIONS[name]
-        if parse is None:
+        if option.kind.parse is None:
             if has_value:
                 raise OptionError(f"{name} is a flag and takes no value, got {arg!r}")
-            kwargs[keyword] = True
+            kwargs[option.keyword] = True
         else:
             if not has_value:
                 i += 1
                 if i == len(args):
                     raise OptionError(f"{name} needs a value")
                 value = args[i]
-            try:
-                kwargs[keyword] = parse(value)
-            except ValueError as exc:
-                raise OptionError(f"{name} takes {exc}, got {value!r}") from None
+            kwargs[option.keyword] = parse_word(option, value)
         i += 1
     return kwargs, []
 
@@ -154,15 +114,15 @@ def parse_options(args: list[str]) -> tuple[dict[str, Any], list[str]]:
 def format_options(kwargs: dict[str, Any]) -> str:
     """The inverse of :func:`parse_options`, for ``SQLA_ANYIO_SHIM_OPTIONS``."""
     words: list[str] = []
-    for option, (keyword, parse) in OPTIONS.items():
-        if keyword not in kwargs:
+    for option in OPTIONS:
+        if option.keyword not in kwargs:
             continue
-        value = kwargs[keyword]
-        if parse is None:
+        value = kwargs[option.keyword]
+        if option.kind.parse is None:
             if value:
-                words.append(option)
+                words.append(option.flag)
         else:
-            words += [option, "none" if value is None else str(value)]
+            words += [option.flag, format_word(option, value)]
     return shlex.join(words)
 
 

@@ -1,0 +1,362 @@
+"""The host loop: how the task that awaits ``greenlet_spawn()`` serves its
+worker, for both backends.
+
+:func:`run_call` is the one skeleton.  It starts the call on a worker, then
+repeats: wait for the worker's next message -- first blocking this thread
+for up to ``handoff_timeout`` (a direct thread hand-off during which the
+loop is blocked, exactly as it is while a greenlet runs sync code), then,
+if the sync code runs longer, through the event loop so that other tasks
+run meanwhile -- and await the message's awaitable in this task
+(:func:`_serve`), until the worker delivers ``DONE``.
+
+What differs per backend is behind :class:`Host`, one object per call made
+by :mod:`._asyncio` or :mod:`._trio`: how to wait through the loop, how a
+worker wakes that wait, and where a cancellation that arrived meanwhile is
+delivered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+from typing import Any, Protocol
+
+from .. import _options
+from . import _interrupts, _stats, _workers
+from ._call import (
+    AWAIT_REQUIRED_MESSAGE,
+    DONE,
+    HOST_GONE_MESSAGE,
+    Error,
+    HostGone,
+    Outcome,
+    Value,
+    _Call,
+    safe_close,
+    sqlalchemy_exc,
+)
+from ._loop_proxy import _OnLoop
+from ._wakeups import _Waiter
+
+_perf_counter = time.perf_counter
+
+
+class Host(Protocol):
+    """The backend's side of one call's host (see :mod:`._asyncio`,
+    :mod:`._trio`)."""
+
+    async def wait_for_message(self, call: _Call) -> None:
+        """Wait through the event loop until the worker's message is there
+        (``call.channel.take_message()`` returned True)."""
+
+    def wake(self) -> None:
+        """Wake :meth:`wait_for_message`; runs on the loop thread, posted by
+        the worker through the call's mailbox."""
+
+    def forget(self) -> None:
+        """The host's coroutine is being closed: drop the waiter."""
+
+    def alive(self) -> bool:
+        """Whether the host's event loop (or trio run) can still run the
+        host task; asked by a worker that has waited long for a reply."""
+
+    def before_serve(self, call: _Call) -> None:
+        """Before the host awaits the worker's next awaitable."""
+
+    def after_last(self, call: _Call) -> None:
+        """The worker has delivered DONE."""
+
+
+# -- what SQLAlchemy knowledge plugs in -------------------------------------
+
+
+class Gate(Protocol):
+    """Admission of calls at the connection pool (``_sqla._admission``):
+    a call holds a slot from its start until it is past the pool."""
+
+    @property
+    def pool_wait_codes(self) -> Collection[Any]:
+        """The code objects of the pool's queue wait: a call awaiting one
+        of them is still at the pool."""
+
+    def try_admit(self) -> bool | None:
+        """True: a slot taken; False: no admission control; None: wait."""
+
+    async def admit(self, fn: Any, args: tuple[Any, ...]) -> bool:
+        """Wait for a slot (or pass without one); whether one is held."""
+
+    def release(self) -> None:
+        """Give a slot back."""
+
+
+class _NoGate:
+    pool_wait_codes: Collection[Any] = frozenset()
+
+    def try_admit(self) -> bool | None:
+        return False
+
+    async def admit(self, fn: Any, args: tuple[Any, ...]) -> bool:
+        return False  # pragma: no cover -- try_admit never says wait
+
+    def release(self) -> None:
+        pass  # pragma: no cover -- no slot is ever taken
+
+
+#: set by set_gate(); read at each call
+gate: Gate = _NoGate()
+
+
+def set_gate(new: Gate | None) -> None:
+    """Plug in the admission gate (the package does at import)."""
+    global gate
+    gate = _NoGate() if new is None else new
+
+
+#: the pytest plugin's ``await_points`` replacement: called with each
+#: awaitable the host is about to await, returns the awaitable to await
+await_hook: Callable[[Any], Any] | None = None
+
+
+def set_await_hook(hook: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:
+    """Install ``hook`` (None: none); returns the previous one."""
+    global await_hook
+    previous, await_hook = await_hook, hook
+    return previous
+
+
+# -- the skeleton ----------------------------------------------------------
+
+
+#: How long the host may block for the worker's *first* message.  The
+#: worker has just been woken, and on a busy machine a thread wake-up alone
+#: can take longer than ``handoff_timeout``; past it the call would fall back
+#: to the loop before its sync code even started, and the loop would run
+#: other tasks where greenlet runs none (SQLAlchemy's test #13749 -- a queue
+#: wait that must be registered before the task's next loop iteration --
+#: failed so under load on 3.13t).  20 ms: the fairness bound of issue 10.
+FIRST_HANDOFF_BOUND = 0.02
+
+#: returned by _next_message when the message was answered already
+_ANSWERED = object()
+
+
+async def acquire_worker() -> _workers._Worker:
+    """A worker for the next call: an idle one, a new one, or -- with
+    ``max_workers`` reached -- the next to come free, waited for without
+    blocking the loop (either backend)."""
+    pool = _workers.pool
+    worker = pool.try_acquire()
+    if worker is not None:
+        return worker
+    while True:
+        waiter = _Waiter()
+        worker = pool.add_waiter(waiter.wake)
+        if worker is not None:
+            return worker
+        try:
+            await waiter.wait()
+        except BaseException:
+            pool.remove_waiter(waiter.wake)
+            raise
+        worker = pool.try_acquire()
+        if worker is not None:
+            return worker
+
+
+async def run_call(call: _Call, worker: Any, host: Host, require_await: bool) -> Any:
+    """Start ``call`` on ``worker`` and serve it until its sync code has
+    finished; return or raise its outcome."""
+    call.worker = worker
+    call.host = host
+    _stats.count_call(1)
+    try:
+        worker.submit(call.run)
+        channel = call.channel
+        switched = False
+        first = True
+        while True:
+            if not _acquire_blocking(call, channel, _wait_bound(first)):
+                # the sync code runs longer than a hand-off: let the loop run
+                _end_stretch(call)
+                call.async_waiting = True
+                await host.wait_for_message(call)
+                call.async_waiting = False
+            first = False
+            message = _next_message(call)
+            if message is DONE:
+                break
+            switched = True
+            if message is _ANSWERED:
+                continue
+            host.before_serve(call)
+            await _serve(call, message)
+            del message
+        host.after_last(call)
+        return _finish(call, switched, require_await)
+    except GeneratorExit:
+        _abandon(call)
+        raise
+    finally:
+        _stats.count_call(-1)
+        release_slot(call)
+        _end_stretch(call)
+        call.release_channel()
+
+
+def _wait_bound(first: bool) -> float:
+    """How long the host blocks its loop for the worker's next message (-1:
+    no bound, 0: not at all).
+
+    The host blocks on every build.  Not blocking while other calls are in
+    flight -- the way to run several tasks' sync code on several cores of a
+    free-threaded build -- was tried and dropped: it breaks what greenlet
+    guarantees between two await points (that no other task's sync code
+    runs meanwhile), which SQLAlchemy's own suite relies on
+    (test_pool_classes[StaticPool]: 10 tasks on one connection failed 5 of 6
+    runs on 3.14t), and with the GIL it lost throughput (hop
+    microbenchmark, 100 tasks: 0.54x greenlet against 0.75x blocking)."""
+    timeout = _options.current.handoff_wait
+    if first and timeout > 0:
+        return max(timeout, FIRST_HANDOFF_BOUND)
+    return timeout
+
+
+def _acquire_blocking(call: _Call, channel: Any, timeout: float) -> bool:
+    """Wait for the worker's next message blocking this thread, for at most
+    ``timeout``.
+
+    A signal handler raising here (Ctrl-C's KeyboardInterrupt, SystemExit)
+    must not abandon the worker, which runs on with the task's connection:
+    on greenlet the interrupt would have landed in the sync code itself.
+    So it is delivered there (see _interrupts.inject) and the wait goes on;
+    the sync code's cleanup runs and the interrupt propagates from
+    greenlet_spawn()."""
+    if timeout == 0:
+        try:
+            return channel.take_message()  # type: ignore[no-any-return]
+        except BaseException as exc:
+            return _interrupted(call, exc)
+    started = _perf_counter()
+    try:
+        got = channel.wait_message(timeout)
+    except BaseException as exc:
+        return _interrupted(call, exc)
+    finally:
+        call.hold += _perf_counter() - started
+    return got  # type: ignore[no-any-return]
+
+
+def _interrupted(call: _Call, exc: BaseException) -> bool:
+    """A signal handler raised while the host waited (see
+    _acquire_blocking)."""
+    if call.interrupt is None:
+        call.interrupt = exc
+    _interrupts.inject(call, type(exc))
+    return False
+
+
+def _end_stretch(call: _Call) -> None:
+    """The loop runs again (the host waits through it, or the call ends):
+    the stretch during which this call's sync code held the loop is over."""
+    hold = call.hold
+    if hold == 0.0:
+        return
+    call.hold = 0.0
+    _stats.note_hold(hold)
+    settings = _options.current
+    threshold = settings.slow_call_warning
+    if threshold is not None and hold >= threshold:
+        _stats.warn_slow_hold(call.fn_name, hold, threshold, settings.handoff_timeout is None)
+
+
+def _next_message(call: _Call) -> Any:
+    """Take the worker's message: ``DONE``, an awaitable to serve, or
+    ``_ANSWERED`` -- Ctrl-C hit the host while the sync code ran, so the
+    sync code gets the interrupt at this await_() instead (if the injected
+    one has not landed yet), runs its cleanup, and the interrupt
+    propagates."""
+    message = call.take()
+    if message is DONE:
+        call.finished = True
+        return DONE
+    if call.interrupt is not None:
+        safe_close(message)
+        call.send(Error(call.interrupt))
+        return _ANSWERED
+    return message
+
+
+async def _serve(call: _Call, awaitable: Any) -> None:
+    """Await one awaitable for the worker, in the host task, and send the
+    outcome back."""
+    pool_wait = False
+    if call.gate_slot:
+        # a call waiting in the pool's queue keeps its admission slot until
+        # the wait is over; any other await point means it is past the pool,
+        # and its slot goes to the next call (see _sqla._admission)
+        pool_wait = getattr(awaitable, "cr_code", None) in gate.pool_wait_codes
+        if not pool_wait:
+            release_slot(call)
+    hook = await_hook
+    if hook is not None and not isinstance(awaitable, _OnLoop):
+        awaitable = hook(awaitable)
+    if call.hold:
+        # the stretch of sync code before this await point is over (the
+        # awaitable usually lets the loop run; counting on across it would
+        # add up stretches that the loop ran between)
+        _end_stretch(call)
+    outcome: Outcome[Any]
+    try:
+        outcome = Value(await awaitable)
+    except BaseException as err:
+        outcome = Error(err)
+    if pool_wait:
+        release_slot(call)
+    call.send(outcome)
+
+
+def release_slot(call: _Call) -> None:
+    """Give the call's admission slot back, once."""
+    if call.gate_slot:
+        call.gate_slot = False
+        gate.release()
+
+
+def _finish(call: _Call, switched: bool, require_await: bool) -> Any:
+    """The outcome of a finished call, for greenlet_spawn() to return or
+    raise."""
+    outcome, call.outcome = call.outcome, None
+    assert outcome is not None
+    interrupt, call.interrupt = call.interrupt, None
+    if interrupt is not None and not (
+        isinstance(outcome, Error) and isinstance(outcome.error, type(interrupt))
+    ):
+        # the sync code finished before the interrupt reached it: the
+        # interrupt still propagates (its outcome is dropped, as Ctrl-C on
+        # greenlet's loop thread would have dropped it)
+        outcome = Error(interrupt)
+    del interrupt
+    if isinstance(outcome, Error):
+        outcome.unwrap()
+    if require_await and not switched and not call.sync_io:
+        raise sqlalchemy_exc().AwaitRequired(AWAIT_REQUIRED_MESSAGE)
+    return outcome.value
+
+
+def _abandon(call: _Call) -> None:
+    """The host's coroutine is being closed (GeneratorExit: the loop was
+    closed with the task pending, or the coroutine was dropped) while the
+    worker runs: the sync code gets HostGone at its next await_() -- or
+    now, if it is already waiting for a reply -- instead of waiting forever
+    for a host that no longer exists, so its cleanup runs and the worker
+    goes back to the pool."""
+    call.host_gone = True
+    call.host.forget()
+    if call.channel.take_message():
+        # a message was waiting: an awaitable nobody will await (or DONE)
+        message, call.outbox = call.outbox, None
+        if message is DONE:
+            call.finished = True
+            return
+        safe_close(message)
+    call.send(Error(HostGone(HOST_GONE_MESSAGE)))

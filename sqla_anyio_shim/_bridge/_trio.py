@@ -1,0 +1,114 @@
+"""The trio backend: ``greenlet_spawn()`` in a trio run, and the trio side
+of its host (:class:`TrioHost`, see _host.Host).
+
+trio's cancellation is level-triggered, so the waits for the worker are
+uncancellable and a cancellation lands at the next checkpoint by itself
+(the next awaitable, or the caller's next checkpoint).  A cancellation that
+arrived while the sync code ran its last stretch of plain Python stays
+pending in trio's cancel scope and lands at the caller's next checkpoint:
+raising it at the end of the call would lose the outcome.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import _host
+from ._call import _Call
+from ._host import acquire_worker, run_call
+from ._wakeups import mailbox_for
+
+
+def _abort_failed(raise_cancel: Any) -> Any:
+    import trio
+
+    # the worker runs plain Python that cannot be interrupted: the wait is
+    # uncancellable and trio delivers the cancellation at the next
+    # checkpoint, which is the next await_() of the sync code
+    return trio.lowlevel.Abort.FAILED
+
+
+async def spawn(
+    fn: Callable[..., Any],
+    args: Any,
+    kwargs: Any,
+    require_await: bool,
+    slot: bool,
+) -> Any:
+    """greenlet_spawn() under trio, admitted (``slot``: it holds an
+    admission slot)."""
+    trio = sys.modules.get("trio")
+    token = None
+    if trio is not None:
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            token = None
+    if token is None:
+        if slot:
+            _host.gate.release()
+        raise RuntimeError(
+            "greenlet_spawn() must be awaited in a task of an asyncio or "
+            "trio event loop (sqla-anyio-shim supports both through anyio)"
+        )
+    # a checkpoint, as every trio async function is: a cancelled scope
+    # stops here before any sync code runs, and a task looping on queries
+    # lets the others run
+    assert trio is not None
+    try:
+        await trio.lowlevel.checkpoint()
+        worker = await acquire_worker()
+    except BaseException:
+        if slot:
+            _host.gate.release()
+        raise
+    call = _Call(fn, args, kwargs, mailbox_for(token, token.run_sync_soon), None)
+    call.gate_slot = slot
+    return await run_call(call, worker, TrioHost(trio, token), require_await)
+
+
+class TrioHost:
+    """The trio side of one call's host."""
+
+    __slots__ = ("_reschedule", "_token", "_wait", "task", "waiter")
+
+    def __init__(self, trio: Any, token: Any) -> None:
+        self._token = token
+        self._reschedule = trio.lowlevel.reschedule
+        self._wait = trio.lowlevel.wait_task_rescheduled
+        self.task = trio.lowlevel.current_task()
+        self.waiter: Any = None
+
+    async def wait_for_message(self, call: _Call) -> None:
+        channel = call.channel
+        while not channel.take_message():
+            self.waiter = self.task
+            await self._wait(_abort_failed)
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            self._reschedule(waiter)
+
+    def forget(self) -> None:
+        self.waiter = None
+
+    def alive(self) -> bool:
+        try:
+            self._token.run_sync_soon(_noop)  # RunFinishedError once the run is over
+        except RuntimeError:
+            return False
+        return True
+
+    def before_serve(self, call: _Call) -> None:
+        pass
+
+    def after_last(self, call: _Call) -> None:
+        pass
+
+
+def _noop() -> None:
+    pass
