@@ -16,7 +16,7 @@ pre-3.15 interpreter does not even import this module.  With it, it arms a
 one-shot ``sys.meta_path`` hook and returns: the ``sqla_anyio_shim`` package
 (the bridge, asyncio: about 0.1 s) is imported, and the shim installed, only
 when SQLAlchemy's top package is first imported (see
-:mod:`sqla_anyio_shim._autoinstall`, which also parses
+:mod:`sqla_anyio_shim._cli._autoinstall`, which also parses
 ``SQLA_ANYIO_SHIM_OPTIONS`` then).  So a process that never imports
 SQLAlchemy -- pip, tox, an editor's language server -- pays for this module
 only.
@@ -144,7 +144,7 @@ def arm(then: "Callable[[], None]") -> None:
 
 
 def _install_from_environment() -> None:
-    from sqla_anyio_shim import _autoinstall
+    from sqla_anyio_shim._cli import _autoinstall
 
     _autoinstall.install_from_environment()
 
