@@ -27,9 +27,10 @@ import anyio
 import pytest
 from sqlalchemy.util import concurrency
 
-from sqla_anyio_shim._bridge import _workers
+from sqla_anyio_shim._bridge import _host, _workers
 from sqla_anyio_shim._bridge._wakeups import _Waiter, _wake_one
 from sqla_anyio_shim._bridge._workers import PoolStats
+from sqla_anyio_shim._sqla import _admission
 
 from .conftest import wait_until
 
@@ -595,7 +596,17 @@ async def test_failed_thread_start_frees_the_slot_for_a_waiter(
 async def test_barrier_after_failed_starts(anyio_backend: Any, monkeypatch: Any) -> None:
     """Scenario 7 as reported: after thread starts failed under a thread
     limit, 150 calls meeting at a barrier with ``max_workers=200`` were
-    stuck (the failed starts still held capacity).  They all meet."""
+    stuck (the failed starts still held capacity).  They all meet.
+
+    Two fixed waits of the package made it take seconds, neither part of
+    what is tested: 150 calls at the barrier exceed the admission bound
+    (64), and the 86 calls beyond it pass only through the escape hatch,
+    after ``_admission.ESCAPE_AFTER`` (2 s) without a slot released; and
+    each call, whose sync code blocks at the barrier without a message,
+    blocks the loop for ``_bridge._host.FIRST_HANDOFF_BOUND`` (20 ms; 150 calls:
+    3 s).  Both are shortened here: the same paths, taken sooner."""
+    monkeypatch.setattr(_admission, "ESCAPE_AFTER", 0.2)
+    monkeypatch.setattr(_host, "FIRST_HANDOFF_BOUND", 0.0)
     n = 150
     with _pool_config(max_workers=200) as pool:
         _FailingStarts(monkeypatch, 60)

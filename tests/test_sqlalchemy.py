@@ -25,6 +25,7 @@ from sqlalchemy.util import concurrency, queue as sqla_queue
 
 from sqla_anyio_shim import _bridge
 from sqla_anyio_shim._bridge import _workers
+from sqla_anyio_shim._sqla import _admission
 
 from .conftest import wait_until
 
@@ -75,10 +76,22 @@ async def engine(engine_kind: str, tmp_path: Any, anyio_backend: Any) -> AsyncIt
         sqla_anyio_shim.install(sync_drivers=False)
 
 
-async def test_thousand_sessions_on_pool_of_five(engine: AsyncEngine) -> None:
-    """1,000 tasks, each running an ORM session, on a pool of 5 connections:
-    more concurrent sessions than connections (and than idle threads); all
-    complete, nothing is left checked out."""
+#: the project's scale claim, 1,000 concurrent sessions, is checked on plain
+#: asyncio; uvloop and trio run the same code path with fewer tasks, still
+#: far above the admission bound (max_pool_waiters=64 by default), so the
+#: pool queue, the admission queue and the idle threads are all exceeded
+SESSIONS = {"asyncio": 1000, "asyncio+uvloop": 300, "trio": 300}
+
+
+async def test_many_sessions_on_pool_of_five(engine: AsyncEngine, anyio_backend: Any) -> None:
+    """Many tasks, each running an ORM session, on a pool of 5 connections:
+    1,000 on asyncio, 300 on asyncio+uvloop and trio (each well above the
+    default admission bound of 64 pool waiters); more concurrent sessions
+    than connections (and than idle threads); all complete, nothing is left
+    checked out."""
+    backend = "asyncio+uvloop" if anyio_backend[1].get("use_uvloop") else anyio_backend[0]
+    n = SESSIONS[backend]
+    assert n > 4 * (_admission.limit or 0)
     Session = async_sessionmaker(engine, expire_on_commit=False)
     done: list[int] = []
 
@@ -92,11 +105,11 @@ async def test_thousand_sessions_on_pool_of_five(engine: AsyncEngine) -> None:
 
     with anyio.fail_after(90):
         async with anyio.create_task_group() as tg:
-            for i in range(1000):
+            for i in range(n):
                 tg.start_soon(one, i)
-    assert sorted(done) == list(range(1000))
+    assert sorted(done) == list(range(n))
     async with Session() as session:
-        assert await session.scalar(select(func.count()).select_from(Item)) == 1000
+        assert await session.scalar(select(func.count()).select_from(Item)) == n
     assert engine.pool.checkedout() == 0
 
 
