@@ -20,11 +20,22 @@ A leaf module: it imports nothing of the package.
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OPTIONS", "Option", "OptionError", "Settings", "apply", "current", "settings_from"]
+__all__ = [
+    "OPTIONS",
+    "Option",
+    "OptionError",
+    "Settings",
+    "apply",
+    "current",
+    "format_options",
+    "parse_options",
+    "settings_from",
+]
 
 
 class OptionError(ValueError):
@@ -220,6 +231,61 @@ def parse_word(option: Option, text: str) -> Any:
 def format_word(option: Option, value: Any) -> str:
     """The inverse of :func:`parse_word`."""
     return "none" if value is None else str(value)
+
+
+# -- the command-line spelling (the launcher, SQLA_ANYIO_SHIM_OPTIONS) ------
+
+
+def parse_options(args: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Parse leading install options of ``args``.
+
+    Returns ``(install keyword arguments, the rest)``: parsing stops at
+    ``--`` (which is dropped), at ``-m`` or at the first argument that is not
+    an option.  ``--option=value`` and ``--option value`` are both accepted.
+
+    :raises OptionError: unknown option, missing or bad value.
+    """
+    kwargs: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return kwargs, args[i + 1 :]
+        if arg == "-m" or not arg.startswith("-"):
+            return kwargs, args[i:]
+        name, has_value, value = arg.partition("=")
+        option = BY_FLAG.get(name)
+        if option is None:
+            known = ", ".join(BY_FLAG)
+            raise OptionError(f"unknown option {name!r} (the options are {known})")
+        if option.kind.parse is None:
+            if has_value:
+                raise OptionError(f"{name} is a flag and takes no value, got {arg!r}")
+            kwargs[option.keyword] = True
+        else:
+            if not has_value:
+                i += 1
+                if i == len(args):
+                    raise OptionError(f"{name} needs a value")
+                value = args[i]
+            kwargs[option.keyword] = parse_word(option, value)
+        i += 1
+    return kwargs, []
+
+
+def format_options(kwargs: dict[str, Any]) -> str:
+    """The inverse of :func:`parse_options`, for ``SQLA_ANYIO_SHIM_OPTIONS``."""
+    words: list[str] = []
+    for option in OPTIONS:
+        if option.keyword not in kwargs:
+            continue
+        value = kwargs[option.keyword]
+        if option.kind.parse is None:
+            if value:
+                words.append(option.flag)
+        else:
+            words += [option.flag, format_word(option, value)]
+    return shlex.join(words)
 
 
 #: the settings in force; replaced whole by apply()

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from sqla_anyio_shim._cli._launcher import OptionError, format_options, parse_options
+from sqla_anyio_shim._options import OptionError, format_options, parse_options
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120

@@ -90,7 +90,7 @@ def install_from_environment() -> None:
     hook checked ``SQLA_ANYIO_SHIM`` already.)"""
     import shlex
 
-    from ._launcher import OptionError, parse_options
+    from .._options import OptionError, parse_options
 
     text = os.environ.get(ENV_OPTIONS, "")
     try:

@@ -29,21 +29,20 @@ run under the shim too, through the start-up hook of an installed wheel
 see :mod:`._autoinstall`).
 
 The install options are :func:`sqla_anyio_shim.install`'s keyword
-arguments, spelled as command-line options; :func:`parse_options` is shared
-with ``SQLA_ANYIO_SHIM_OPTIONS``.
+arguments, spelled as command-line options; their parser
+(``_options.parse_options``) is shared with ``SQLA_ANYIO_SHIM_OPTIONS``.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from .._options import BY_FLAG, OPTIONS, OptionError, format_word, parse_word
+from .._options import OPTIONS, OptionError, format_options, format_word, parse_options
 
-__all__ = ["OPTIONS", "OptionError", "format_options", "main", "parse_options"]
+__all__ = ["USAGE", "main"]
 
 
 def _option_lines() -> str:
@@ -72,58 +71,6 @@ OPTIONS (install()'s keyword arguments):
 
 The environment variable SQLA_ANYIO_SHIM=1 does the same for processes not
 started by hand, with these options in SQLA_ANYIO_SHIM_OPTIONS."""
-
-
-def parse_options(args: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """Parse leading install options of ``args``.
-
-    Returns ``(install keyword arguments, the rest)``: parsing stops at
-    ``--`` (which is dropped), at ``-m`` or at the first argument that is not
-    an option.  ``--option=value`` and ``--option value`` are both accepted.
-
-    :raises OptionError: unknown option, missing or bad value.
-    """
-    kwargs: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            return kwargs, args[i + 1 :]
-        if arg == "-m" or not arg.startswith("-"):
-            return kwargs, args[i:]
-        name, has_value, value = arg.partition("=")
-        option = BY_FLAG.get(name)
-        if option is None:
-            known = ", ".join(BY_FLAG)
-            raise OptionError(f"unknown option {name!r} (the options are {known})")
-        if option.kind.parse is None:
-            if has_value:
-                raise OptionError(f"{name} is a flag and takes no value, got {arg!r}")
-            kwargs[option.keyword] = True
-        else:
-            if not has_value:
-                i += 1
-                if i == len(args):
-                    raise OptionError(f"{name} needs a value")
-                value = args[i]
-            kwargs[option.keyword] = parse_word(option, value)
-        i += 1
-    return kwargs, []
-
-
-def format_options(kwargs: dict[str, Any]) -> str:
-    """The inverse of :func:`parse_options`, for ``SQLA_ANYIO_SHIM_OPTIONS``."""
-    words: list[str] = []
-    for option in OPTIONS:
-        if option.keyword not in kwargs:
-            continue
-        value = kwargs[option.keyword]
-        if option.kind.parse is None:
-            if value:
-                words.append(option.flag)
-        else:
-            words += [option.flag, format_word(option, value)]
-    return shlex.join(words)
 
 
 def _fail(message: str) -> NoReturn:
