@@ -32,12 +32,14 @@ What else is replaced, and why:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.abc
 import importlib.machinery
 import inspect
 import sys
 import threading
 import types
+from collections.abc import Callable
 from typing import Any
 
 from .. import _bridge
@@ -367,10 +369,7 @@ def install(*, sync_drivers: bool = False) -> None:
         import sqlalchemy.util.queue as sqla_queue
 
         try:
-            if line >= (2, 1):
-                _plan_21(inst, concurrency)
-            else:
-                _plan_20(inst, concurrency)
+            _apply_plan(inst, concurrency, _PLANS[line])
             for method in ("empty", "full", "qsize", "put_nowait", "put", "get_nowait", "get"):
                 inst.set(
                     sqla_queue.AsyncAdaptedQueue,
@@ -428,49 +427,57 @@ def _plan_lock(inst: _Installation, concurrency: Any) -> None:
         inst.replace(lock, replacement)
 
 
-def _plan_21(inst: _Installation, concurrency: Any) -> None:
-    _bridge.set_missing_greenlet_message(
-        "greenlet_spawn has not been called; can't call await_() "
-        "here. Was IO attempted in an unexpected place?"
-    )
-    names = {
-        "await_": _bridge.await_,
-        "await_only": _bridge.await_,
-        "greenlet_spawn": _bridge.greenlet_spawn,
-        "in_greenlet": _bridge.in_greenlet,
-        "is_cancellation_exception": _primitives.is_cancellation_exception,
-    }
+# -- the plans, per SQLAlchemy line ------------------------------------------
+
+#: every helper of ``sqlalchemy.util.concurrency`` the bridge replaces, by
+#: name (a line's plan names the ones it has)
+_REPLACEMENTS: dict[str, Any] = {
+    "await_": _bridge.await_,
+    "await_only": _bridge.await_,
+    "await_fallback": _bridge.await_fallback,
+    "greenlet_spawn": _bridge.greenlet_spawn,
+    "in_greenlet": _bridge.in_greenlet,
+    "is_exit_exception": _primitives.is_exit_exception,
+    "is_cancellation_exception": _primitives.is_cancellation_exception,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinePlan:
+    """What install() replaces in one SQLAlchemy line."""
+
+    #: MissingGreenlet's message, worded as the line words it
+    missing_greenlet: str
+    #: the helpers of util.concurrency replaced (keys of _REPLACEMENTS)
+    names: tuple[str, ...]
+    #: whether a helper the module lacks is added (2.0 without greenlet
+    #: defines only some of them)
+    add_missing: bool
+    #: the line's own steps, after the helpers: (installation, the
+    #: util.concurrency module, the helpers replaced)
+    finish: Callable[[_Installation, Any, dict[str, Any]], None]
+
+
+def _apply_plan(inst: _Installation, concurrency: Any, plan: _LinePlan) -> None:
+    _bridge.set_missing_greenlet_message(plan.missing_greenlet)
+    names = {name: _REPLACEMENTS[name] for name in plan.names}
     for name, replacement in names.items():
         original = vars(concurrency).get(name)
         if original is not None:
             inst.replace(original, replacement)
             if name in _SWAP_TARGETS:
                 inst.swap_code(original, _SWAP_TARGETS[name])
+        elif plan.add_missing:
+            inst.set(concurrency, name, replacement)
+    plan.finish(inst, concurrency, names)
+
+
+def _finish_21(inst: _Installation, concurrency: Any, names: dict[str, Any]) -> None:
     inst.replace(concurrency._concurrency_shim, _ConcurrencyShim())
     _plan_lock(inst, concurrency)
 
 
-def _plan_20(inst: _Installation, concurrency: Any) -> None:
-    _bridge.set_missing_greenlet_message(
-        "greenlet_spawn has not been called; can't call await_only() "
-        "here. Was IO attempted in an unexpected place?"
-    )
-    names = {
-        "await_only": _bridge.await_,
-        "await_fallback": _bridge.await_fallback,
-        "greenlet_spawn": _bridge.greenlet_spawn,
-        "in_greenlet": _bridge.in_greenlet,
-        "is_exit_exception": _primitives.is_exit_exception,
-        "is_cancellation_exception": _primitives.is_cancellation_exception,
-    }
-    for name, replacement in names.items():
-        original = vars(concurrency).get(name)
-        if original is not None:
-            inst.replace(original, replacement)
-            if name in _SWAP_TARGETS:
-                inst.swap_code(original, _SWAP_TARGETS[name])
-        else:
-            inst.set(concurrency, name, replacement)
+def _finish_20(inst: _Installation, concurrency: Any, names: dict[str, Any]) -> None:
     _plan_lock(inst, concurrency)
     if not concurrency.have_greenlet:
         runner = getattr(asyncio, "Runner", _Runner)
@@ -502,3 +509,38 @@ def _plan_20(inst: _Installation, concurrency: Any) -> None:
             import sqlalchemy.util
 
             inst.set(sqlalchemy.util, "_concurrency_py3k", stand_in)
+
+
+_PLANS = {
+    (2, 1): _LinePlan(
+        missing_greenlet=(
+            "greenlet_spawn has not been called; can't call await_() "
+            "here. Was IO attempted in an unexpected place?"
+        ),
+        names=(
+            "await_",
+            "await_only",
+            "greenlet_spawn",
+            "in_greenlet",
+            "is_cancellation_exception",
+        ),
+        add_missing=False,
+        finish=_finish_21,
+    ),
+    (2, 0): _LinePlan(
+        missing_greenlet=(
+            "greenlet_spawn has not been called; can't call await_only() "
+            "here. Was IO attempted in an unexpected place?"
+        ),
+        names=(
+            "await_only",
+            "await_fallback",
+            "greenlet_spawn",
+            "in_greenlet",
+            "is_exit_exception",
+            "is_cancellation_exception",
+        ),
+        add_missing=True,
+        finish=_finish_20,
+    ),
+}
