@@ -120,8 +120,11 @@ def fetch_sdist(version: str, cache: Path) -> Path:
             "download",
             "-q",
             "--no-deps",
+            # the sdist of SQLAlchemy only: ":all:" would also build the
+            # sdist's build requirements from source (Cython: minutes of C
+            # compilation on a fresh machine) just to read its metadata
             "--no-binary",
-            ":all:",
+            "sqlalchemy",
             f"sqlalchemy=={version}",
             "-d",
             str(download),
