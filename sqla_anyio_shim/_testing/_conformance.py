@@ -274,7 +274,9 @@ def make_env(
 
 
 def _project_dir() -> Path | None:
-    here = Path(__file__).resolve().parent.parent
+    """The checkout this module runs from (``python -m sqla_anyio_shim``
+    in a checkout's root imports the package from there), if any."""
+    here = Path(__file__).resolve().parents[2]
     if (here / "setup.cfg").is_file() and (here / "sqla_anyio_shim").is_dir():
         return here
     return None
