@@ -190,7 +190,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_pool_waiters",
         _count(1, allow_none=True),
-        "calls at the connection pool at once before new ones wait threadless in the loop",
+        "calls at one connection pool at once before new ones wait threadless in the loop",
     ),
 )
 

@@ -28,14 +28,14 @@ def pytest_configure(config: Any) -> None:
     if gil_guard.started and not config.pluginmanager.is_registered(gil_guard):
         config.pluginmanager.register(gil_guard, "sqla-anyio-shim-gil-guard")
 
+
 BACKENDS = [
     pytest.param(("asyncio", {}), id="asyncio"),
     pytest.param(
         ("asyncio", {"use_uvloop": True}),
         id="asyncio+uvloop",
         marks=pytest.mark.skipif(
-            importlib.util.find_spec("uvloop") is None
-            and os.environ.get("CI") != "true",
+            importlib.util.find_spec("uvloop") is None and os.environ.get("CI") != "true",
             reason="uvloop not installed",
         ),
     ),

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _options
-from . import _host
+from . import _workers
 from ._call import _Call
-from ._host import acquire_worker, run_call
+from ._host import Slot, acquire_worker, give_back, run_call
 from ._interrupts import inject
 from ._wakeups import mailbox_for
 
@@ -35,21 +35,24 @@ async def spawn(
     args: Any,
     kwargs: Any,
     require_await: bool,
-    slot: bool,
+    slot: Slot | None,
 ) -> Any:
-    """greenlet_spawn() on asyncio, admitted (``slot``: it holds an
-    admission slot)."""
+    """greenlet_spawn() on asyncio, admitted (``slot``: what the gate gave
+    it, see _host.Slot)."""
+    holder = slot is not None and slot.holder
     try:
         if _options.current.checkpoint_calls:
             await _yield()
-        worker = await acquire_worker()
+        worker = _workers.pool.try_acquire(beyond_cap=holder)
+        if worker is None:
+            worker = await acquire_worker(holder)
     except BaseException:
-        if slot:
-            _host.gate.release()
+        give_back(slot)
         raise
     call = _Call(fn, args, kwargs, mailbox_for(loop, loop.call_soon_threadsafe), loop)
     call.task = _current_task(loop)
-    call.gate_slot = slot
+    if not holder:
+        call.gate_slot = slot
     return await run_call(call, worker, AsyncioHost(loop, call.task), require_await)
 
 

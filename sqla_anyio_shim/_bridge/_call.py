@@ -183,8 +183,9 @@ class _Call:
         self.task: Any = None
         #: the backend's side of the host (see _host.Host); set by the backend
         self.host: Any = None
-        # holds an admission slot until it is past the pool (see _host.Gate)
-        self.gate_slot = False
+        # the admission slot it holds until it is past the pool (see
+        # _host.Gate); None: none
+        self.gate_slot: Any = None
         self.sync_io = False
         self.host_tokens: dict[contextvars.ContextVar[Any], Any] = {}
         self.worker_tokens: dict[contextvars.ContextVar[Any], Any] = {}

@@ -70,36 +70,48 @@ class Host(Protocol):
 # -- what SQLAlchemy knowledge plugs in -------------------------------------
 
 
+class Slot(Protocol):
+    """What a call holds from its admission on (``call.gate_slot``)."""
+
+    #: the call works on a checked-out connection: it passes max_workers
+    holder: bool
+    #: seconds it waited at the gate (taken off its wait in the pool's queue)
+    waited: float
+
+    def release(self) -> None:
+        """Give the slot back (called once)."""
+
+
 class Gate(Protocol):
     """Admission of calls at the connection pool (``_sqla._admission``):
-    a call holds a slot from its start until it is past the pool."""
+    a call holds a slot of its pool from its start until it is past the
+    pool."""
 
     @property
     def pool_wait_codes(self) -> Collection[Any]:
         """The code objects of the pool's queue wait: a call awaiting one
         of them is still at the pool."""
 
-    def try_admit(self) -> bool | None:
-        """True: a slot taken; False: no admission control; None: wait."""
+    @property
+    def WAIT(self) -> object:
+        """try_admit()'s answer when the call must await admit()."""
 
-    async def admit(self, fn: Any, args: tuple[Any, ...]) -> bool:
-        """Wait for a slot (or pass without one); whether one is held."""
+    def try_admit(self, fn: Any, args: tuple[Any, ...]) -> Slot | object | None:
+        """A slot, None (no slot needed), or WAIT."""
 
-    def release(self) -> None:
-        """Give a slot back."""
+    async def admit(self, fn: Any, args: tuple[Any, ...]) -> Slot | None:
+        """Wait for a slot (or pass without one)."""
 
 
 class _NoGate:
     pool_wait_codes: Collection[Any] = frozenset()
+    WAIT = object()
 
-    def try_admit(self) -> bool | None:
-        return False
+    def try_admit(self, fn: Any, args: tuple[Any, ...]) -> None:
+        return None
 
-    async def admit(self, fn: Any, args: tuple[Any, ...]) -> bool:
-        return False  # pragma: no cover -- try_admit never says wait
-
-    def release(self) -> None:
-        pass  # pragma: no cover -- no slot is ever taken
+    async def admit(self, fn: Any, args: tuple[Any, ...]) -> None:
+        return None  # pragma: no cover -- try_admit never says wait
 
 
 #: set by set_gate(); read at each call
@@ -140,13 +152,18 @@ FIRST_HANDOFF_BOUND = 0.02
 _ANSWERED = object()
 
 
-async def acquire_worker() -> _workers._Worker:
-    """A worker for the next call: an idle one, a new one, or -- with
-    ``max_workers`` reached -- the next to come free, waited for without
-    blocking the loop (either backend)."""
+async def acquire_worker(holder: bool) -> _workers._Worker:
+    """The slow path of a backend's ``_workers.pool.try_acquire()``: with
+    ``max_workers`` reached, wait for the next worker to come free without
+    blocking the loop (either backend).
+
+    A call that works on a checked-out connection (``holder``, told by the
+    gate) is never held up by ``max_workers``: the workers may all be taken
+    by calls waiting for a connection that only this call can return."""
     pool = _workers.pool
-    worker = pool.try_acquire()
-    if worker is not None:
+    if holder:
+        worker = pool.try_acquire(beyond_cap=True)
+        assert worker is not None  # a new thread, if none is idle
         return worker
     while True:
         waiter = _Waiter()
@@ -290,7 +307,7 @@ async def _serve(call: _Call, awaitable: Any) -> None:
     """Await one awaitable for the worker, in the host task, and send the
     outcome back."""
     pool_wait = False
-    if call.gate_slot:
+    if call.gate_slot is not None:
         # a call waiting in the pool's queue keeps its admission slot until
         # the wait is over; any other await point means it is past the pool,
         # and its slot goes to the next call (see _sqla._admission)
@@ -315,11 +332,19 @@ async def _serve(call: _Call, awaitable: Any) -> None:
     call.send(outcome)
 
 
+def give_back(slot: Slot | None) -> None:
+    """A call that got its slot will not start after all (cancelled before
+    it had a worker): the slot goes to the next caller."""
+    if slot is not None:
+        slot.release()
+
+
 def release_slot(call: _Call) -> None:
     """Give the call's admission slot back, once."""
-    if call.gate_slot:
-        call.gate_slot = False
-        gate.release()
+    slot = call.gate_slot
+    if slot is not None:
+        call.gate_slot = None
+        slot.release()
 
 
 def _finish(call: _Call, switched: bool, require_await: bool) -> Any:

@@ -15,9 +15,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import _host
+from . import _workers
 from ._call import _Call
-from ._host import acquire_worker, run_call
+from ._host import Slot, acquire_worker, give_back, run_call
 from ._wakeups import mailbox_for
 
 
@@ -35,10 +35,10 @@ async def spawn(
     args: Any,
     kwargs: Any,
     require_await: bool,
-    slot: bool,
+    slot: Slot | None,
 ) -> Any:
-    """greenlet_spawn() under trio, admitted (``slot``: it holds an
-    admission slot)."""
+    """greenlet_spawn() under trio, admitted (``slot``: what the gate gave
+    it, see _host.Slot)."""
     trio = sys.modules.get("trio")
     token = None
     if trio is not None:
@@ -47,8 +47,7 @@ async def spawn(
         except RuntimeError:
             token = None
     if token is None:
-        if slot:
-            _host.gate.release()
+        give_back(slot)
         raise RuntimeError(
             "greenlet_spawn() must be awaited in a task of an asyncio or "
             "trio event loop (sqla-anyio-shim supports both through anyio)"
@@ -57,15 +56,18 @@ async def spawn(
     # stops here before any sync code runs, and a task looping on queries
     # lets the others run
     assert trio is not None
+    holder = slot is not None and slot.holder
     try:
         await trio.lowlevel.checkpoint()
-        worker = await acquire_worker()
+        worker = _workers.pool.try_acquire(beyond_cap=holder)
+        if worker is None:
+            worker = await acquire_worker(holder)
     except BaseException:
-        if slot:
-            _host.gate.release()
+        give_back(slot)
         raise
     call = _Call(fn, args, kwargs, mailbox_for(token, token.run_sync_soon), None)
-    call.gate_slot = slot
+    if not holder:
+        call.gate_slot = slot
     return await run_call(call, worker, TrioHost(trio, token), require_await)
 
 

@@ -20,7 +20,9 @@ stack, and a cap lower than the number of calls that wait on each other
 (sessions queueing for a pool connection that another session will only
 return through another call) could deadlock.  ``max_workers`` exists for
 users who know their concurrency; calls beyond it wait, without blocking the
-event loop, for a worker to come free.
+event loop, for a worker to come free -- except calls that work on a
+checked-out connection (the admission gate tells them apart), which may be
+the ones to return it: they get a worker beyond the cap.
 
 What keeps the pool usable for the life of the process
 -------------------------------------------------------
@@ -228,15 +230,17 @@ class WorkerPool:
 
     # -- acquiring and releasing -------------------------------------------
 
-    def try_acquire(self) -> _Worker | None:
-        """Return an idle or new worker, or None if max_workers is reached.
+    def try_acquire(self, beyond_cap: bool = False) -> _Worker | None:
+        """Return an idle or new worker, or None if max_workers is reached
+        (``beyond_cap``: start a new one even then -- for a call that holds
+        a pool connection, see _host.acquire_worker).
 
         Raises RuntimeError if a new worker's thread cannot be started."""
         with self._lock:
             worker = self._take_idle_locked()
             if worker is not None:
                 return worker
-            if not self._can_start_locked():
+            if not beyond_cap and not self._can_start_locked():
                 return None
             self._starting += 1
         return self._start_worker()

@@ -1,42 +1,58 @@
-"""Admission of new calls while many calls contend for pool connections.
+"""Admission of new calls at a saturated connection pool: one gate per pool.
 
 Why: a task waiting in the connection pool's queue holds a whole worker
 thread (its sync code's frames are live on that thread's stack), where
 greenlet holds one small stack.  20,000 tasks queueing for a pool of 5 were
 20,000 threads, and the cost grew faster than the number of tasks.
 
-What: a call holds one of ``limit`` *admission slots* from its start until
-it is past the pool: until its sync code first awaits anything but the
-pool's queue, or its wait in the queue ends, or the call ends -- whichever
-comes first.  When all slots are taken, a new ``greenlet_spawn()`` waits in
-the event loop (a future, no thread) for one, in arrival order.  Those calls
-could not have got a connection before the ones already waiting anyway.
-Calls that are past the pool (running queries) hold no slot, so the bound
-never limits how many queries run at once.
+What: each pool (an ``AsyncAdaptedQueuePool``, the pool of every async
+engine) has ``limit`` *admission slots*.  A call that will check out a
+connection from that pool -- its target is the ``Engine``, or a ``Session``
+(or an ORM object of one) bound to that engine and holding no connection yet
+-- takes one of the pool's slots from its start until it is past the pool:
+until its sync code first awaits anything but the pool's queue, or its wait
+in the queue ends, or the call ends.  With all of the pool's slots taken, it
+waits in the event loop (a future, no thread), in arrival order: it could
+not have got a connection before the calls already queueing anyway.
 
-Why not a plain cap on workers (``max_workers``): tasks waiting for a
-connection would starve the tasks that hold one and would return it -- a
-deadlock.  So when the slots are all taken, a call whose sync code works on
-a checked-out connection (an SQLAlchemy ``Connection`` or its
-``Transaction``, a ``Session`` or ``SessionTransaction`` that has one, a
-result being fetched or closed, an ORM object whose session has one; as the
-bound object of ``fn`` or its first argument) passes without a slot.  As a last resort a
-waiter that sees no slot released for ``ESCAPE_AFTER`` seconds passes too: a
-holder this check cannot recognise must never wait forever.
+What never waits here (the rules greenlet's users rely on):
 
-Below ``limit`` calls at the pool at once (SQLAlchemy's own tests, most
-applications) the cost is a lock round trip at the start and end of a call.
+* a call whose target holds a connection -- a ``Connection`` that has its
+  DBAPI connection, its ``Transaction``, a ``Session`` bound to such a
+  ``Connection`` or whose transaction has one, a result being fetched or
+  closed, an ORM object of such a session: it may be the one that returns
+  the connection the others wait for (it also passes ``max_workers``,
+  see _host.acquire_worker);
+* a call whose pool cannot be told from its target (a plain function
+  closing over a connection, a session with several binds): it runs at
+  once, on a thread, as it would on greenlet;
+* calls on another pool: a saturated pool holds up nobody else's engine.
+
+The pool's clock runs at its gate: a call waits there for at most the
+pool's ``pool_timeout``, and the time it waited is taken off its wait in
+the pool's queue (``_primitives.QueueMethods.get``), so SQLAlchemy's
+``TimeoutError`` comes when ``pool_timeout`` says, gate or no gate.  A call
+whose time ran out at the gate passes without a slot and meets the pool's
+own timeout at once (or a connection, if one came free).
+
+Cost: classifying a call is a few attribute reads (the kind of a class is
+cached); below ``limit`` calls at a pool, one lock round trip at the start
+of a call and one when it is past the pool.  Waiters leave the queue lazily
+(a cancelled one is skipped when its turn comes), so 20,000 waiting tasks
+cost O(1) each.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+import weakref
 from collections import deque
 from typing import Any
 
 from .._bridge._wakeups import _deadline, _wait, _Waiter
 
-#: admission slots (``None``: no admission control); set by
+#: admission slots per pool (``None``: no admission control); set by
 #: install(max_pool_waiters=...)
 limit: int | None = 64
 
@@ -44,16 +60,104 @@ limit: int | None = 64
 #: _primitives): a call awaiting one keeps its slot until it is over
 pool_wait_codes: set[Any] = set()
 
-#: seconds without any slot released after which a waiter passes anyway
-ESCAPE_AFTER = 2.0
+#: try_admit(): all of the pool's slots are taken, await admit()
+WAIT = object()
 
+_monotonic = time.monotonic
+
+# one lock for every gate: the state it guards is a few integers and a
+# deque per pool, touched twice per call
 _lock = threading.Lock()
-# calls holding a slot, and how many slots were ever released ("progress");
-# both guarded by _lock
-occupied = 0
-_released = 0
-_gate: deque[_Waiter] = deque()
-_escapes = 0
+# every gate that exists, for configure() and gate_stats()
+_gates: weakref.WeakSet[_PoolGate] = weakref.WeakSet()
+# totals over all gates, under _lock
+_occupied = 0
+_waiting = 0
+_expired = 0
+
+
+class _Holder:
+    """The "slot" of a call that holds a connection: no slot at all, but
+    the call passes ``max_workers`` (_host.acquire_worker)."""
+
+    __slots__ = ()
+    holder = True
+    waited = 0.0
+
+    def release(self) -> None:
+        pass
+
+
+#: try_admit() / admit() for a call that holds a connection
+HOLDER = _Holder()
+
+
+class _PoolGate:
+    """The admission slots of one pool; also the slot a call holds (its
+    ``release()`` gives it back)."""
+
+    __slots__ = ("__weakref__", "occupied", "queue", "timeout")
+
+    holder = False
+    #: a call admitted at once waited for nothing
+    waited = 0.0
+
+    def __init__(self, timeout: float | None) -> None:
+        self.occupied = 0
+        self.queue: deque[_Ticket] = deque()
+        # the pool's pool_timeout: the longest a call waits at the gate
+        self.timeout = timeout
+
+    def release(self) -> None:
+        """The call holding this slot is past the pool."""
+        global _occupied
+        with _lock:
+            self.occupied -= 1
+            _occupied -= 1
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        # under _lock: free slots go to the first waiters whose loops run
+        global _occupied, _waiting
+        queue = self.queue
+        while queue and (limit is None or self.occupied < limit):
+            ticket = queue.popleft()
+            if ticket.state is not _WAITING:
+                continue  # left already (cancelled, timed out)
+            if ticket.waiter.wake():
+                ticket.state = _GRANTED
+                self.occupied += 1
+                _occupied += 1
+            else:
+                ticket.state = _GONE  # its loop is closed
+            _waiting -= 1
+
+
+_WAITING = "waiting"
+_GRANTED = "granted"
+_GONE = "gone"
+
+
+class _Ticket:
+    """A call's place at a gate, and then the slot it holds: the gate's,
+    if it was handed one, else none (it passed when its time ran out).
+    ``waited``: seconds it spent at the gate, taken off its wait in the
+    pool's queue (read once, by _primitives)."""
+
+    __slots__ = ("gate", "state", "waited", "waiter")
+
+    holder = False
+
+    def __init__(self, gate: _PoolGate) -> None:
+        self.gate: _PoolGate | None = gate
+        self.waiter = _Waiter()
+        self.state = _WAITING
+        self.waited = 0.0
+
+    def release(self) -> None:
+        gate, self.gate = self.gate, None
+        if gate is not None:
+            gate.release()
 
 
 def configure(new_limit: int | None) -> None:
@@ -62,149 +166,189 @@ def configure(new_limit: int | None) -> None:
     global limit
     with _lock:
         limit = new_limit
-        _hand_over()
+        for gate in list(_gates):
+            gate._hand_over()
 
 
-def try_admit() -> bool | None:
-    """Take a slot if one is free and nobody waits for one: True; no
-    admission control: False (the call holds no slot); all taken: None."""
-    with _lock:
-        return _try_admit_locked()
-
-
-def _try_admit_locked() -> bool | None:
-    global occupied
+def try_admit(fn: Any, args: tuple[Any, ...]) -> Any:
+    """greenlet_spawn()'s admission, without waiting: ``None`` (no slot
+    needed), :data:`HOLDER`, a slot (release() it exactly once), or
+    :data:`WAIT` (await :func:`admit`)."""
+    global _occupied
     if limit is None:
-        return False
-    if occupied < limit and not _gate:
-        occupied += 1
-        return True
-    return None
-
-
-async def admit(fn: Any, args: tuple[Any, ...]) -> bool:
-    """greenlet_spawn()'s admission: whether the call holds a slot (it must
-    then release() it exactly once)."""
-    slot = try_admit()
-    if slot is not None:
-        return slot
-    if _holds_connection(fn, args):
-        return False
-    return await _wait_turn()
-
-
-def release() -> None:
-    """A call gives its slot back: hand it to the first waiter whose loop
-    still runs."""
-    global occupied, _released
+        return None
+    target = _target_of(fn, args)
+    if target is None or target is HOLDER:
+        return target
+    if getattr(fn, "__name__", None) in _RELEASING:
+        return None
     with _lock:
-        occupied -= 1
-        _released += 1
-        _hand_over()
+        if target.occupied < limit and not target.queue:
+            target.occupied += 1
+            _occupied += 1
+            return target
+    return WAIT
 
 
-def _hand_over() -> None:
-    # under _lock: a free slot goes to the first live waiter
-    global occupied
-    while _gate and (limit is None or occupied < limit):
-        if _gate.popleft().wake():
-            occupied += 1
-
-
-async def _wait_turn() -> bool:
-    """Wait, without a thread, for a slot (True: handed one) or for the
-    escape hatch (False: passes without a slot)."""
-    global occupied, _escapes
-    front = False
-    while True:
-        with _lock:
-            admitted = _try_admit_locked()
-            if admitted is not None:
-                return admitted
-            released = _released
-            waiter = _Waiter()
-            if front:
-                _gate.appendleft(waiter)
-            else:
-                _gate.append(waiter)
-        try:
-            await _wait(waiter, _deadline(ESCAPE_AFTER))
-        except BaseException:
-            with _lock:
-                if waiter.notified:
-                    # a slot was handed to us: pass it on
-                    occupied -= 1
-                    _hand_over()
-                else:
-                    _remove(waiter)
-            raise
-        with _lock:
-            if waiter.notified:
-                return True
-            _remove(waiter)
-            if _released == released:
-                # no slot came free for ESCAPE_AFTER: whoever would free
-                # one may be waiting here (a holder the check missed)
-                _escapes += 1
-                return False
-        # slots moved, just not to us yet: wait again, keeping our place
-        front = True
-
-
-def _remove(waiter: _Waiter) -> None:
+async def admit(fn: Any, args: tuple[Any, ...]) -> Any:
+    """Wait, without a thread, for one of the pool's slots; returns what
+    :func:`try_admit` does, never :data:`WAIT`."""
+    global _occupied, _waiting, _expired
+    target = _target_of(fn, args)
+    if target is None or target is HOLDER or limit is None:
+        return None if limit is None else target
+    if getattr(fn, "__name__", None) in _RELEASING:
+        return None
+    gate: _PoolGate = target
+    with _lock:
+        if limit is None or (gate.occupied < limit and not gate.queue):
+            gate.occupied += 1
+            _occupied += 1
+            return gate
+        ticket = _Ticket(gate)
+        gate.queue.append(ticket)
+        _waiting += 1
+    started = _monotonic()
     try:
-        _gate.remove(waiter)
-    except ValueError:
-        pass
+        await _wait(ticket.waiter, _deadline(gate.timeout))
+    except BaseException:
+        with _lock:
+            if ticket.state is _GRANTED:
+                # handed a slot as we were cancelled: pass it on
+                ticket.state = _GONE
+                gate.occupied -= 1
+                _occupied -= 1
+                gate._hand_over()
+            elif ticket.state is _WAITING:
+                ticket.state = _GONE
+                _waiting -= 1
+        raise
+    ticket.waited = _monotonic() - started
+    with _lock:
+        if ticket.state is _GRANTED:
+            return ticket
+        if ticket.state is _WAITING:
+            # pool_timeout ran out here: go to the pool without a slot,
+            # where the rest of the timeout (none) applies
+            ticket.state = _GONE
+            _waiting -= 1
+            _expired += 1
+        ticket.gate = None
+        return ticket
 
 
 def gate_stats() -> dict[str, int]:
     with _lock:
-        return {"occupied": occupied, "waiting": len(_gate), "escapes": _escapes}
+        return {"occupied": _occupied, "waiting": _waiting, "expired": _expired}
 
 
-def _holds_connection(fn: Any, args: tuple[Any, ...]) -> bool:
-    """Whether the call's sync code works on a connection checked out of a
-    pool: then it may be the one that returns it, and must not wait."""
+# -- what a call works on --------------------------------------------------
+
+
+def _target_of(fn: Any, args: tuple[Any, ...]) -> Any:
+    """The gate of the pool the call will check a connection out of,
+    :data:`HOLDER` if it works on a checked-out connection, None if
+    neither can be told (it then passes)."""
+    found = None
     for obj in (getattr(fn, "__self__", None), args[0] if args else None):
         if obj is None:
             continue
-        kind = _kind_of(type(obj))
-        if kind == "connection":
-            # a Connection whose DBAPI connection is checked out
-            if getattr(obj, "_dbapi_connection", None) is not None:
-                return True
-        elif kind == "session":
-            transaction = getattr(obj, "_transaction", None)
-            if transaction is not None and getattr(transaction, "_connections", None):
-                return True
-        elif kind == "transaction":
-            # engine.begin()'s commit / rollback: its Connection's
-            connection = getattr(obj, "connection", None)
-            if getattr(connection, "_dbapi_connection", None) is not None:
-                return True
-        elif kind == "session_transaction":
-            # AsyncSessionTransaction's commit / rollback
-            if getattr(obj, "_connections", None):
-                return True
-        elif kind == "result":
-            return True
-        else:
-            # an ORM object (awaitable_attrs: greenlet_spawn(getattr, obj,
-            # name)): its session's connection
-            state = getattr(obj, "_sa_instance_state", None)
-            session = getattr(state, "session", None) if state is not None else None
-            transaction = getattr(session, "_transaction", None)
-            if transaction is not None and getattr(transaction, "_connections", None):
-                return True
-    return False
+        target = _target_of_object(obj)
+        if target is HOLDER:
+            return HOLDER
+        if found is None:
+            found = target
+    return found
 
+
+def _target_of_object(obj: Any) -> Any:
+    kind = _kind_of(type(obj))
+    if kind == "engine":
+        return _gate_of_pool(obj.pool)
+    if kind == "connection":
+        if getattr(obj, "_dbapi_connection", None) is not None:
+            return HOLDER
+        return None
+    if kind == "session":
+        return _target_of_session(obj)
+    if kind == "transaction":
+        # engine.begin()'s commit / rollback: its Connection's
+        connection = getattr(obj, "connection", None)
+        if getattr(connection, "_dbapi_connection", None) is not None:
+            return HOLDER
+        return None
+    if kind == "session_transaction":
+        # AsyncSessionTransaction's commit / rollback
+        if getattr(obj, "_connections", None):
+            return HOLDER
+        session = getattr(obj, "session", None)
+        return _target_of_session(session) if session is not None else None
+    if kind == "result":
+        return HOLDER
+    if kind == "other":
+        # an ORM object (awaitable_attrs: greenlet_spawn(getattr, obj,
+        # name)): its session's
+        state = getattr(obj, "_sa_instance_state", None)
+        session = getattr(state, "session", None) if state is not None else None
+        if session is not None:
+            return _target_of_session(session)
+    return None
+
+
+def _target_of_session(session: Any) -> Any:
+    transaction = getattr(session, "_transaction", None)
+    if transaction is not None and getattr(transaction, "_connections", None):
+        return HOLDER
+    bind = getattr(session, "bind", None)
+    if bind is None:
+        return None  # several binds, or get_bind(): cannot tell which pool
+    kind = _kind_of(type(bind))
+    if kind == "connection":
+        # a session joined to an external connection ("join a session into
+        # an external transaction"): that connection is checked out
+        return HOLDER if getattr(bind, "_dbapi_connection", None) is not None else None
+    if kind == "engine":
+        return _gate_of_pool(bind.pool)
+    return None
+
+
+def _gate_of_pool(pool: Any) -> _PoolGate | None:
+    """The pool's gate, made on first use; None for a pool whose checkout
+    never waits in an ``AsyncAdaptedQueue`` (NullPool, StaticPool, ...)."""
+    state = pool.__dict__
+    gate = state.get("_sqla_anyio_shim_gate")
+    if gate is not None:
+        return gate  # type: ignore[no-any-return]
+    queue = state.get("_pool")
+    if queue is None or _kind_of(type(queue)) != "queue":
+        return None
+    timeout = state.get("_timeout")
+    new = _PoolGate(timeout if isinstance(timeout, (int, float)) else None)
+    # dict.setdefault is atomic: two threads racing here get one gate
+    gate = state.setdefault("_sqla_anyio_shim_gate", new)
+    if gate is new:
+        with _lock:
+            _gates.add(new)
+    return gate  # type: ignore[no-any-return]
+
+
+#: methods that only let go of what their target holds: a session or
+#: connection with no connection checked out closes (rolls back, is reset)
+#: without the pool, so such a call never waits at the pool's gate -- it
+#: would wait behind every task queueing for a connection, and a task
+#: cancelled before it got one closes its session so (under a level-
+#: triggered anyio scope that retries on every loop iteration meanwhile)
+_RELEASING = frozenset(
+    {"close", "dispose", "invalidate", "reset", "rollback", "expunge", "expunge_all"}
+)
 
 _kinds: dict[type, str] = {}
 
 # SQLAlchemy classes (by module and name: nothing of SQLAlchemy's is
-# imported here) whose instances, as a call's target, may hold a connection
-_HOLDER_CLASSES = {
+# imported here) whose instances, as a call's target, tell which pool it
+# uses or that it holds a connection
+_CLASSES = {
+    ("sqlalchemy.engine.base", "Engine"): "engine",
     ("sqlalchemy.engine.base", "Connection"): "connection",
     ("sqlalchemy.engine.base", "Transaction"): "transaction",
     ("sqlalchemy.orm.session", "Session"): "session",
@@ -213,6 +357,8 @@ _HOLDER_CLASSES = {
     # it holds its cursor's connection
     ("sqlalchemy.ext.asyncio.result", "AsyncCommon"): "result",
     ("sqlalchemy.engine.result", "Result"): "result",
+    # the pool's queue (the pool's gate exists only for pools that wait in one)
+    ("sqlalchemy.util.queue", "AsyncAdaptedQueue"): "queue",
 }
 
 
@@ -221,9 +367,15 @@ def _kind_of(cls: type) -> str:
     if kind is None:
         kind = "other"
         for base in cls.__mro__:
-            found = _HOLDER_CLASSES.get((base.__module__, base.__name__))
+            found = _CLASSES.get((base.__module__, base.__name__))
             if found is not None:
                 kind = found
                 break
         _kinds[cls] = kind
     return kind
+
+
+def _holds_connection(fn: Any, args: tuple[Any, ...]) -> bool:
+    """Whether the call's sync code works on a connection checked out of a
+    pool (then it may be the one that returns it, and must not wait)."""
+    return _target_of(fn, args) is HOLDER

@@ -132,6 +132,20 @@ async def _queue_get(queue: Any, state: _QueueState, timeout: float | None) -> A
             return _TIMEOUT
 
 
+def _gate_waited() -> float:
+    """Seconds the current call waited at its pool's admission gate, if it
+    has not been charged for them yet (once: a second checkout in the same
+    call has its whole timeout)."""
+    call = _bridge.current_call()
+    slot = call.gate_slot if call is not None else None
+    if slot is None:
+        return 0.0
+    waited: float = slot.waited
+    if waited:
+        slot.waited = 0.0
+    return waited
+
+
 # a call waiting here keeps its admission slot (see _admission)
 _admission.pool_wait_codes.add(_queue_get.__code__)
 
@@ -215,6 +229,12 @@ class QueueMethods:
             if state.items:
                 return state.take()
             if not block:
+                raise Empty()
+        if timeout is not None:
+            # the pool's clock ran while the call waited at the pool's
+            # admission gate: pool_timeout covers both waits (_admission)
+            timeout -= _gate_waited()
+            if timeout <= 0:
                 raise Empty()
         result = _await_for(self)(_queue_get(self, state, timeout))
         if result is _TIMEOUT:
