@@ -112,7 +112,7 @@ async def greenlet_spawn(
     # calls contending for pool connections beyond max_pool_waiters wait
     # here, in the loop, without a thread (see _sqla._admission)
     gate = _host.gate
-    slot = gate.try_admit(fn, args)
+    slot: Any = gate.try_admit(fn, args)
     if slot is gate.WAIT:
         slot = await gate.admit(fn, args)
     loop = _get_running_loop()
