@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from . import _bridge, _options
-from ._sqla import _admission, _patching
+from ._sqla import _admission, _patching, _targets
 from ._sqla._patching import UnsupportedSQLAlchemyVersion as UnsupportedSQLAlchemyVersion
 
 # the package is the one place where the rooms are wired together: the
@@ -35,6 +36,7 @@ __all__ = [
     "__version__",
     "install",
     "is_installed",
+    "keep_atomic",
     "stats",
     "uninstall",
 ]
@@ -51,6 +53,7 @@ def install(
     handoff_timeout: float | None = 0.002,
     slow_call_warning: float | None = 0.1,
     max_pool_waiters: int | None = 64,
+    parallel: bool | None = None,
 ) -> None:
     """Replace SQLAlchemy's greenlet helpers with the thread bridge.
 
@@ -61,10 +64,10 @@ def install(
     :param max_workers: upper bound on worker threads; ``None`` (the
         default) creates one per ``greenlet_spawn()`` in flight, as greenlet
         creates one greenlet per call.  A call beyond the bound waits,
-        without blocking the event loop, for a worker to come free.  Do not
-        set it below the number of calls that can wait on each other (for
-        example, more tasks queueing for pool connections than workers),
-        or they deadlock.
+        without blocking the event loop, for a worker to come free -- but
+        a call that works on a checked-out connection gets a worker beyond
+        the bound, since it may be the one to return the connection the
+        waiting calls need.
     :param idle_timeout: seconds after which an idle worker thread retires.
     :param max_idle_workers: idle workers kept at most (``None``: no cap).
     :param sync_drivers: let ``create_async_engine()`` accept plain sync
@@ -81,16 +84,24 @@ def install(
     :param slow_call_warning: seconds; a call whose sync code keeps the
         event loop blocked longer than this in one stretch is logged at
         WARNING on the ``sqla_anyio_shim`` logger (``None``: never).
-    :param max_pool_waiters: calls that may be at the connection pool at
+    :param max_pool_waiters: calls that may be at one connection pool at
         once (started and not yet past it: waiting in its queue, or not yet
         at their first other await point).  Beyond it a new
-        ``greenlet_spawn()`` waits in the event loop, without a thread,
-        until one of them is past the pool; calls working on a checked-out
-        connection always pass, so the tasks that would return one are
-        never held up.  Under greenlet a task waiting for a connection costs
-        a small stack; here a thread.  Calls past the pool (running
-        queries) are not counted.  ``None``: no bound (a thread per waiting
-        task).
+        ``greenlet_spawn()`` for that pool waits in the event loop, without
+        a thread, until one of them is past the pool; the wait counts
+        against the pool's ``pool_timeout``.  Calls working on a
+        checked-out connection, and calls whose pool cannot be told (a
+        plain function given to ``run_sync``), always pass.  Under greenlet
+        a task waiting for a connection costs a small stack; here a thread.
+        ``None``: no bound (a thread per waiting task).
+    :param parallel: whether the sync code of different tasks may run at the
+        same time, the event loop never blocked waiting for it (as threaded
+        sync SQLAlchemy runs: one task per ``Session`` / ``Connection``).
+        ``None`` (auto): on free-threaded builds, and for sync-driver
+        engines everywhere; ``True`` / ``False`` force it.  Engines whose
+        pool shares a connection between tasks (``StaticPool``,
+        ``SingletonThreadPool``, ``AssertionPool``) and engines given to
+        :func:`keep_atomic` keep greenlet's atomicity in every mode.
     :raises UnsupportedSQLAlchemyVersion: SQLAlchemy is not 2.0.x or 2.1.x.
     """
     settings = _options.settings_from(
@@ -101,6 +112,7 @@ def install(
         handoff_timeout=handoff_timeout,
         slow_call_warning=slow_call_warning,
         max_pool_waiters=max_pool_waiters,
+        parallel=parallel,
     )
     _bridge.pool.configure(
         max_workers=settings.max_workers,
@@ -110,6 +122,18 @@ def install(
     _patching.install(sync_drivers=settings.sync_drivers)
     _options.apply(settings)
     _admission.configure(settings.max_pool_waiters)
+
+
+def keep_atomic(engine: Any) -> None:
+    """Keep greenlet's atomicity for ``engine`` (an ``AsyncEngine`` or its
+    ``sync_engine``) in every mode: the sync code of its tasks runs one
+    stretch at a time (between two await points), with no other task's
+    sync code on the engine in between -- for an application that shares
+    one connection or session between tasks, which SQLAlchemy's threading
+    rules do not allow.  Engines on ``StaticPool``, ``SingletonThreadPool``
+    and ``AssertionPool`` are kept so without it.  Mark the engine before
+    its first use."""
+    _targets.keep_atomic(engine)
 
 
 def uninstall() -> None:

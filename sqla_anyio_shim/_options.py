@@ -53,6 +53,7 @@ class Settings:
     handoff_timeout: float | None = 0.002
     slow_call_warning: float | None = 0.1
     max_pool_waiters: int | None = 64
+    parallel: bool | None = None
     #: how long the host blocks for the next message, in the form the
     #: channel's wait takes (-1: no bound); derived from handoff_timeout
     handoff_wait: float = field(init=False, repr=False, compare=False)
@@ -138,6 +139,21 @@ def _seconds(allow_zero: bool, allow_none: bool) -> _Kind:
     return _Kind(words, py_words, check, parse)
 
 
+def _tristate() -> _Kind:
+    # None ("auto"), True ("on"), False ("off")
+    words = {"auto": None, "on": True, "off": False}
+
+    def parse(text: str) -> Any:
+        return words.get(text.lower(), _BAD)
+
+    return _Kind(
+        "'auto', 'on' or 'off'",
+        "None, True or False",
+        lambda value: value is None or value is True or value is False,
+        parse,
+    )
+
+
 def _flag() -> _Kind:
     # any value, taken for its truth (install(sync_drivers=1) always worked)
     return _Kind("a flag", "True or False", lambda value: True, None)
@@ -192,6 +208,12 @@ OPTIONS: tuple[Option, ...] = (
         _count(1, allow_none=True),
         "calls at one connection pool at once before new ones wait threadless in the loop",
     ),
+    Option(
+        "parallel",
+        _tristate(),
+        "sync code of different tasks at once, the loop never blocked "
+        "('auto': on free-threaded builds and for sync drivers)",
+    ),
 )
 
 _BY_KEYWORD = {option.keyword: option for option in OPTIONS}
@@ -230,6 +252,8 @@ def parse_word(option: Option, text: str) -> Any:
 
 def format_word(option: Option, value: Any) -> str:
     """The inverse of :func:`parse_word`."""
+    if option.keyword == "parallel":
+        return {None: "auto", True: "on", False: "off"}[value]
     return "none" if value is None else str(value)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from .. import _options
 from . import _workers
 from ._call import _Call
-from ._host import Slot, acquire_worker, give_back, run_call
+from ._host import Slot, acquire_worker, give_back, place, run_call
 from ._interrupts import inject
 from ._wakeups import mailbox_for
 
@@ -53,6 +53,7 @@ async def spawn(
     call.task = _current_task(loop)
     if not holder:
         call.gate_slot = slot
+    place(call, slot)
     return await run_call(call, worker, AsyncioHost(loop, call.task), require_await)
 
 

@@ -143,10 +143,13 @@ class _Call:
         "async_waiting",
         "channel",
         "context",
+        "domain",
+        "domain_held",
         "finished",
         "fn",
         "fn_name",
         "gate_slot",
+        "handoff",
         "hold",
         "host",
         "host_gone",
@@ -186,6 +189,12 @@ class _Call:
         # the admission slot it holds until it is past the pool (see
         # _host.Gate); None: none
         self.gate_slot: Any = None
+        # how long the host blocks for a message (_host.place)
+        self.handoff = 0.0
+        # the engine's lock held by the sync code between its await points
+        # (_host.place); held now
+        self.domain: Any = None
+        self.domain_held = False
         self.sync_io = False
         self.host_tokens: dict[contextvars.ContextVar[Any], Any] = {}
         self.worker_tokens: dict[contextvars.ContextVar[Any], Any] = {}
@@ -242,6 +251,7 @@ class _Call:
             # thread (see _LoopProxy)
             _set_running_loop(cast(Any, _LoopProxy(loop, self.loop_thread, current_call)))
         try:
+            self.enter_domain()
             self.enter_user()
             try:
                 self.outcome = Value(self.context.run(self.fn, *self.args, **self.kwargs))
@@ -250,6 +260,7 @@ class _Call:
         except BaseException as err:
             self.outcome = Error(err)
         finally:
+            self.leave_domain()
             _local.call = None
             if loop is not None:
                 _set_running_loop(None)
@@ -276,6 +287,20 @@ class _Call:
             if self.injected:
                 self.injected = False
                 _interrupts.withdraw(self.thread_id)
+
+    def enter_domain(self) -> None:
+        """Take the engine's domain lock (see _host.place) before running
+        sync code: the sync code of another task on the same engine may be
+        between two of its await points right now."""
+        domain = self.domain
+        if domain is not None and not self.domain_held:
+            domain.acquire()
+            self.domain_held = True
+
+    def leave_domain(self) -> None:
+        if self.domain_held:
+            self.domain_held = False
+            self.domain.release()
 
     def release_channel(self) -> None:
         """Called once by the host (when greenlet_spawn() ends, however it
@@ -305,6 +330,8 @@ class _Call:
         if self.host_gone:
             safe_close(awaitable)
             raise HostGone(HOST_GONE_MESSAGE)
+        # the stretch is over: another task's sync code on the engine may run
+        self.leave_domain()
         self.deliver(awaitable)
         channel = self.channel
         interval = LIVENESS_INTERVAL
@@ -320,6 +347,7 @@ class _Call:
                 # the worker notices by itself.
                 self.host_gone = True
                 raise HostGone(HOST_GONE_MESSAGE)
+        self.enter_domain()
         self.enter_user()
         inbox, self.inbox = self.inbox, None
         assert inbox is not None

@@ -17,6 +17,7 @@ delivered.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
@@ -77,6 +78,12 @@ class Slot(Protocol):
     holder: bool
     #: seconds it waited at the gate (taken off its wait in the pool's queue)
     waited: float
+    #: held by the sync code of every call on the same engine between its
+    #: await points, when the engine's connections are shared between
+    #: tasks (StaticPool, ..., keep_atomic()); None: the calls may run at once
+    domain: Any
+    #: the engine runs a sync driver in the workers (parallel by default)
+    sync_driver: bool
 
     def release(self) -> None:
         """Give the slot back (called once)."""
@@ -192,7 +199,7 @@ async def run_call(call: _Call, worker: Any, host: Host, require_await: bool) ->
         switched = False
         first = True
         while True:
-            if not _acquire_blocking(call, channel, _wait_bound(first)):
+            if not _acquire_blocking(call, channel, _wait_bound(call, first)):
                 # the sync code runs longer than a hand-off: let the loop run
                 _end_stretch(call)
                 call.async_waiting = True
@@ -220,19 +227,54 @@ async def run_call(call: _Call, worker: Any, host: Host, require_await: bool) ->
         call.release_channel()
 
 
-def _wait_bound(first: bool) -> float:
-    """How long the host blocks its loop for the worker's next message (-1:
-    no bound, 0: not at all).
+def place(call: _Call, slot: Slot | None) -> None:
+    """Decide how the host waits for ``call``'s worker: blocking the loop
+    for up to ``handoff_timeout`` (greenlet's atomicity: no other task runs
+    while this sync code does), or not at all (the parallel mode: the loop
+    runs other tasks, and on a free-threaded build their sync code runs at
+    the same time on other cores).  See docs/principle.md, "The parallel
+    mode".
 
-    The host blocks on every build.  Not blocking while other calls are in
-    flight -- the way to run several tasks' sync code on several cores of a
-    free-threaded build -- was tried and dropped: it breaks what greenlet
-    guarantees between two await points (that no other task's sync code
-    runs meanwhile), which SQLAlchemy's own suite relies on
-    (test_pool_classes[StaticPool]: 10 tasks on one connection failed 5 of 6
-    runs on 3.14t), and with the GIL it lost throughput (hop
-    microbenchmark, 100 tasks: 0.54x greenlet against 0.75x blocking)."""
-    timeout = _options.current.handoff_wait
+    * A call on an engine whose pool shares connections between tasks
+      (``slot.domain``) is atomic in every mode: the host blocks, and the
+      worker holds the engine's domain lock between await points, so that
+      no other task's sync code on that engine runs meanwhile even when
+      other calls run in parallel (or the hand-off timed out).
+    * Otherwise ``install(parallel=...)`` decides; ``None`` (auto) is
+      parallel on a free-threaded build whose GIL is off, and for engines
+      of sync drivers (whose statements block the worker on the network:
+      blocking the loop on them serializes every task's round trips)."""
+    settings = _options.current
+    domain = slot.domain if slot is not None else None
+    if domain is not None:
+        call.domain = domain
+        call.handoff = settings.handoff_wait
+        return
+    parallel = settings.parallel
+    if parallel is None:
+        parallel = not _gil_enabled() or (slot is not None and slot.sync_driver)
+    call.handoff = 0.0 if parallel else settings.handoff_wait
+
+
+#: sys._is_gil_enabled (3.13+): a free-threaded build can switch its GIL
+#: back on at run time (an extension that does not declare support), so it
+#: is asked per call, which costs a C call
+_gil_enabled: Callable[[], bool] = getattr(sys, "_is_gil_enabled", lambda: True)
+
+
+def _wait_bound(call: _Call, first: bool) -> float:
+    """How long the host blocks its loop for the worker's next message (-1:
+    no bound, 0: not at all); see :func:`place`.
+
+    Blocking every call on a free-threaded build -- or, the other way,
+    parallel calls on engines that share a connection between tasks --
+    breaks what the dropped first attempt at a parallel mode learned:
+    SQLAlchemy's own suite relies on greenlet's atomicity where tasks share
+    one connection (test_pool_classes[StaticPool], 10 tasks on one
+    connection), and with the GIL, async drivers lose throughput when the
+    host does not block (hop microbenchmark, 100 tasks: 0.54x greenlet
+    against 0.75x blocking)."""
+    timeout = call.handoff
     if first and timeout > 0:
         return max(timeout, FIRST_HANDOFF_BOUND)
     return timeout

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import _workers
 from ._call import _Call
-from ._host import Slot, acquire_worker, give_back, run_call
+from ._host import Slot, acquire_worker, give_back, place, run_call
 from ._wakeups import mailbox_for
 
 
@@ -68,6 +68,7 @@ async def spawn(
     call = _Call(fn, args, kwargs, mailbox_for(token, token.run_sync_soon), None)
     if not holder:
         call.gate_slot = slot
+    place(call, slot)
     return await run_call(call, worker, TrioHost(trio, token), require_await)
 
 

@@ -35,9 +35,14 @@ the pool's queue (``_primitives.QueueMethods.get``), so SQLAlchemy's
 whose time ran out at the gate passes without a slot and meets the pool's
 own timeout at once (or a connection, if one came free).
 
-Cost: classifying a call is a few attribute reads (the kind of a class is
-cached); below ``limit`` calls at a pool, one lock round trip at the start
-of a call and one when it is past the pool.  Waiters leave the queue lazily
+What a call works on is told by ``_targets`` (the kind of a class is
+cached, the facts of an engine too).  Every call on a known engine gets a
+*slot* object from here, held or not: it also carries the engine's facts
+the bridge needs (``domain``, ``sync_driver``: see _host.Slot).
+
+Cost: classifying a call is a few attribute reads; below ``limit`` calls at
+a pool, one lock round trip at the start of a call and one when it is past
+the pool.  Waiters leave the queue lazily
 (a cancelled one is skipped when its turn comes), so 20,000 waiting tasks
 cost O(1) each.
 """
@@ -51,6 +56,8 @@ from collections import deque
 from typing import Any
 
 from .._bridge._wakeups import _deadline, _wait, _Waiter
+from . import _targets
+from ._targets import HOLDER as _HOLDS, EngineFacts, target_of
 
 #: admission slots per pool (``None``: no admission control); set by
 #: install(max_pool_waiters=...)
@@ -76,31 +83,57 @@ _waiting = 0
 _expired = 0
 
 
-class _Holder:
-    """The "slot" of a call that holds a connection: no slot at all, but
-    the call passes ``max_workers`` (_host.acquire_worker)."""
+class _Slot:
+    """What a call on a known engine holds from its admission on (see
+    _host.Slot): a slot of the pool's gate (``gate``), or none (a holder,
+    or a call that needs none) -- with the engine's facts either way."""
 
-    __slots__ = ()
-    holder = True
+    __slots__ = ("domain", "gate", "holder", "sync_driver")
+
+    #: a call admitted at once waited for nothing
     waited = 0.0
 
+    def __init__(self, facts: EngineFacts | None, holder: bool, gate: _PoolGate | None) -> None:
+        self.holder = holder
+        self.gate = gate
+        self.domain = facts.domain if facts is not None else None
+        self.sync_driver = facts.sync_driver if facts is not None else False
+
     def release(self) -> None:
-        pass
+        gate = self.gate
+        if gate is not None:
+            gate.release()
 
 
-#: try_admit() / admit() for a call that holds a connection
-HOLDER = _Holder()
+class _EngineSlots:
+    """The three slot objects of one engine's calls (shared by its calls:
+    they hold no per-call state)."""
+
+    __slots__ = ("facts", "free", "gate", "gated", "holder")
+
+    def __init__(self, facts: EngineFacts) -> None:
+        self.facts = facts
+        self.gate = _gate_of_pool(facts.pool)
+        self.holder = _Slot(facts, True, None)
+        self.free = _Slot(facts, False, None)
+        self.gated = _Slot(facts, False, self.gate) if self.gate is not None else self.free
+
+
+def _slots_of(facts: EngineFacts) -> _EngineSlots:
+    slots = facts.slots
+    if slots is None:
+        slots = facts.slots = _EngineSlots(facts)
+    return slots  # type: ignore[no-any-return]
+
+
+#: the slot of a call that holds a connection of an engine that cannot be told
+HOLDER = _Slot(None, True, None)
 
 
 class _PoolGate:
-    """The admission slots of one pool; also the slot a call holds (its
-    ``release()`` gives it back)."""
+    """The admission slots of one pool."""
 
     __slots__ = ("__weakref__", "occupied", "queue", "timeout")
-
-    holder = False
-    #: a call admitted at once waited for nothing
-    waited = 0.0
 
     def __init__(self, timeout: float | None) -> None:
         self.occupied = 0
@@ -109,7 +142,7 @@ class _PoolGate:
         self.timeout = timeout
 
     def release(self) -> None:
-        """The call holding this slot is past the pool."""
+        """A call holding one of the slots is past the pool."""
         global _occupied
         with _lock:
             self.occupied -= 1
@@ -144,12 +177,14 @@ class _Ticket:
     ``waited``: seconds it spent at the gate, taken off its wait in the
     pool's queue (read once, by _primitives)."""
 
-    __slots__ = ("gate", "state", "waited", "waiter")
+    __slots__ = ("domain", "gate", "state", "sync_driver", "waited", "waiter")
 
     holder = False
 
-    def __init__(self, gate: _PoolGate) -> None:
+    def __init__(self, gate: _PoolGate, facts: EngineFacts) -> None:
         self.gate: _PoolGate | None = gate
+        self.domain = facts.domain
+        self.sync_driver = facts.sync_driver
         self.waiter = _Waiter()
         self.state = _WAITING
         self.waited = 0.0
@@ -170,23 +205,37 @@ def configure(new_limit: int | None) -> None:
             gate._hand_over()
 
 
+def _classify(fn: Any, args: tuple[Any, ...]) -> Any:
+    """The slot a call needs no wait for (a ``_Slot`` or None), or the
+    engine's slots if it is to take one of the pool's."""
+    target = target_of(fn, args)
+    if target is None:
+        return None
+    what, facts = target
+    if facts is None:
+        return HOLDER if what is _HOLDS else None
+    slots = _slots_of(facts)
+    if what is _HOLDS:
+        return slots.holder
+    if slots.gate is None or limit is None or getattr(fn, "__name__", None) in _RELEASING:
+        return slots.free
+    return slots
+
+
 def try_admit(fn: Any, args: tuple[Any, ...]) -> Any:
-    """greenlet_spawn()'s admission, without waiting: ``None`` (no slot
-    needed), :data:`HOLDER`, a slot (release() it exactly once), or
+    """greenlet_spawn()'s admission, without waiting: a slot (release() it
+    exactly once), None (a call on no engine that can be told), or
     :data:`WAIT` (await :func:`admit`)."""
     global _occupied
-    if limit is None:
-        return None
-    target = _target_of(fn, args)
-    if target is None or target is HOLDER:
-        return target
-    if getattr(fn, "__name__", None) in _RELEASING:
-        return None
+    found = _classify(fn, args)
+    if type(found) is not _EngineSlots:
+        return found
+    gate = found.gate
     with _lock:
-        if target.occupied < limit and not target.queue:
-            target.occupied += 1
+        if limit is None or (gate.occupied < limit and not gate.queue):
+            gate.occupied += 1
             _occupied += 1
-            return target
+            return found.gated
     return WAIT
 
 
@@ -194,18 +243,16 @@ async def admit(fn: Any, args: tuple[Any, ...]) -> Any:
     """Wait, without a thread, for one of the pool's slots; returns what
     :func:`try_admit` does, never :data:`WAIT`."""
     global _occupied, _waiting, _expired
-    target = _target_of(fn, args)
-    if target is None or target is HOLDER or limit is None:
-        return None if limit is None else target
-    if getattr(fn, "__name__", None) in _RELEASING:
-        return None
-    gate: _PoolGate = target
+    found = _classify(fn, args)
+    if type(found) is not _EngineSlots:
+        return found
+    gate: _PoolGate = found.gate
     with _lock:
         if limit is None or (gate.occupied < limit and not gate.queue):
             gate.occupied += 1
             _occupied += 1
-            return gate
-        ticket = _Ticket(gate)
+            return found.gated
+        ticket = _Ticket(gate, found.facts)
         gate.queue.append(ticket)
         _waiting += 1
     started = _monotonic()
@@ -242,74 +289,15 @@ def gate_stats() -> dict[str, int]:
         return {"occupied": _occupied, "waiting": _waiting, "expired": _expired}
 
 
-# -- what a call works on --------------------------------------------------
-
-
-def _target_of(fn: Any, args: tuple[Any, ...]) -> Any:
-    """The gate of the pool the call will check a connection out of,
-    :data:`HOLDER` if it works on a checked-out connection, None if
-    neither can be told (it then passes)."""
-    found = None
-    for obj in (getattr(fn, "__self__", None), args[0] if args else None):
-        if obj is None:
-            continue
-        target = _target_of_object(obj)
-        if target is HOLDER:
-            return HOLDER
-        if found is None:
-            found = target
-    return found
-
-
-def _target_of_object(obj: Any) -> Any:
-    kind = _kind_of(type(obj))
-    if kind == "engine":
-        return _gate_of_pool(obj.pool)
-    if kind == "connection":
-        if getattr(obj, "_dbapi_connection", None) is not None:
-            return HOLDER
-        return None
-    if kind == "session":
-        return _target_of_session(obj)
-    if kind == "transaction":
-        # engine.begin()'s commit / rollback: its Connection's
-        connection = getattr(obj, "connection", None)
-        if getattr(connection, "_dbapi_connection", None) is not None:
-            return HOLDER
-        return None
-    if kind == "session_transaction":
-        # AsyncSessionTransaction's commit / rollback
-        if getattr(obj, "_connections", None):
-            return HOLDER
-        session = getattr(obj, "session", None)
-        return _target_of_session(session) if session is not None else None
-    if kind == "result":
-        return HOLDER
-    if kind == "other":
-        # an ORM object (awaitable_attrs: greenlet_spawn(getattr, obj,
-        # name)): its session's
-        state = getattr(obj, "_sa_instance_state", None)
-        session = getattr(state, "session", None) if state is not None else None
-        if session is not None:
-            return _target_of_session(session)
-    return None
-
-
-def _target_of_session(session: Any) -> Any:
-    transaction = getattr(session, "_transaction", None)
-    if transaction is not None and getattr(transaction, "_connections", None):
-        return HOLDER
-    bind = getattr(session, "bind", None)
-    if bind is None:
-        return None  # several binds, or get_bind(): cannot tell which pool
-    kind = _kind_of(type(bind))
-    if kind == "connection":
-        # a session joined to an external connection ("join a session into
-        # an external transaction"): that connection is checked out
-        return HOLDER if getattr(bind, "_dbapi_connection", None) is not None else None
-    if kind == "engine":
-        return _gate_of_pool(bind.pool)
-    return None
+#: methods that only let go of what their target holds: a session or
+#: connection with no connection checked out closes (rolls back, is reset)
+#: without the pool, so such a call never waits at the pool's gate -- it
+#: would wait behind every task queueing for a connection, and a task
+#: cancelled before it got one closes its session so (under a level-
+#: triggered anyio scope that retries on every loop iteration meanwhile)
+_RELEASING = frozenset(
+    {"close", "dispose", "invalidate", "reset", "rollback", "expunge", "expunge_all"}
+)
 
 
 def _gate_of_pool(pool: Any) -> _PoolGate | None:
@@ -320,7 +308,7 @@ def _gate_of_pool(pool: Any) -> _PoolGate | None:
     if gate is not None:
         return gate  # type: ignore[no-any-return]
     queue = state.get("_pool")
-    if queue is None or _kind_of(type(queue)) != "queue":
+    if queue is None or _targets._kind_of(type(queue)) != "queue":
         return None
     timeout = state.get("_timeout")
     new = _PoolGate(timeout if isinstance(timeout, (int, float)) else None)
@@ -332,50 +320,8 @@ def _gate_of_pool(pool: Any) -> _PoolGate | None:
     return gate  # type: ignore[no-any-return]
 
 
-#: methods that only let go of what their target holds: a session or
-#: connection with no connection checked out closes (rolls back, is reset)
-#: without the pool, so such a call never waits at the pool's gate -- it
-#: would wait behind every task queueing for a connection, and a task
-#: cancelled before it got one closes its session so (under a level-
-#: triggered anyio scope that retries on every loop iteration meanwhile)
-_RELEASING = frozenset(
-    {"close", "dispose", "invalidate", "reset", "rollback", "expunge", "expunge_all"}
-)
-
-_kinds: dict[type, str] = {}
-
-# SQLAlchemy classes (by module and name: nothing of SQLAlchemy's is
-# imported here) whose instances, as a call's target, tell which pool it
-# uses or that it holds a connection
-_CLASSES = {
-    ("sqlalchemy.engine.base", "Engine"): "engine",
-    ("sqlalchemy.engine.base", "Connection"): "connection",
-    ("sqlalchemy.engine.base", "Transaction"): "transaction",
-    ("sqlalchemy.orm.session", "Session"): "session",
-    ("sqlalchemy.orm.session", "SessionTransaction"): "session_transaction",
-    # an async result being fetched, or a sync result being closed for one:
-    # it holds its cursor's connection
-    ("sqlalchemy.ext.asyncio.result", "AsyncCommon"): "result",
-    ("sqlalchemy.engine.result", "Result"): "result",
-    # the pool's queue (the pool's gate exists only for pools that wait in one)
-    ("sqlalchemy.util.queue", "AsyncAdaptedQueue"): "queue",
-}
-
-
-def _kind_of(cls: type) -> str:
-    kind = _kinds.get(cls)
-    if kind is None:
-        kind = "other"
-        for base in cls.__mro__:
-            found = _CLASSES.get((base.__module__, base.__name__))
-            if found is not None:
-                kind = found
-                break
-        _kinds[cls] = kind
-    return kind
-
-
 def _holds_connection(fn: Any, args: tuple[Any, ...]) -> bool:
     """Whether the call's sync code works on a connection checked out of a
     pool (then it may be the one that returns it, and must not wait)."""
-    return _target_of(fn, args) is HOLDER
+    target = target_of(fn, args)
+    return target is not None and target[0] is _HOLDS
