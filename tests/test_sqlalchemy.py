@@ -119,8 +119,9 @@ async def test_cancel_at_each_await_point_returns_connection(
     """Cancel a session's work at each of its await points in turn: the task
     ends cancelled, the connection goes back to the pool, and the next
     checkout works (a compact version of SQLAlchemy's cancellation sweep,
-    with aiosqlite; a sync driver has no await points to cancel at, and its
-    cancellation is covered by the sync-driver workload tests)."""
+    with aiosqlite; a sync driver's await points are its statements, whose
+    cancellation tests/test_sync_driver_deadlines.py and the sync-driver
+    workload tests cover)."""
     Session = async_sessionmaker(engine, expire_on_commit=False)
 
     async with Session() as session:

@@ -19,6 +19,9 @@ One call, from ``greenlet_spawn()`` to a worker and back, room by room:
 ``_channel``       the wake-up of one hop between host and worker (eventfd)
 ``_wakeups``       waking a task from a worker: the host's mailbox, and
                    the one-shot ``_Waiter`` of the pool queue, lock and gate
+``_blocking``      a blocking call of the sync code (a sync driver's
+                   statement) as an await point: the cancellation that
+                   interrupts it
 ``_context``       context variables across a hop
 ``_interrupts``    Ctrl-C delivered into the sync code
 ``_loop_proxy``    the asyncio loop as the sync code in a worker sees it
@@ -26,7 +29,7 @@ One call, from ``greenlet_spawn()`` to a worker and back, room by room:
 =================  ========================================================
 
 Imports go one way: ``_entry`` -> backends -> ``_host`` -> ``_call`` -> the
-leaves (``_workers``, ``_channel``, ``_wakeups``, ``_context``,
+leaves (``_workers``, ``_channel``, ``_wakeups``, ``_blocking``, ``_context``,
 ``_interrupts``, ``_loop_proxy``, ``_stats``; and the package's
 ``_options``).  The names below are what the rest of the package uses.
 """
@@ -47,12 +50,14 @@ from ._entry import (
     await_fallback as await_fallback,
     current_loop_of_worker as current_loop_of_worker,
     current_task as current_task,
+    ended_cleanly as ended_cleanly,
     greenlet_spawn as greenlet_spawn,
     host_is_trio as host_is_trio,
     in_greenlet as in_greenlet,
     missing_greenlet as missing_greenlet,
     note_sync_io as note_sync_io,
     on_loop_thread as on_loop_thread,
+    run_blocking as run_blocking,
     run_on_loop_thread as run_on_loop_thread,
     set_missing_greenlet_message as set_missing_greenlet_message,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import _options
 from . import _workers
@@ -62,7 +62,15 @@ class AsyncioHost:
     where a cancellation that arrived while the sync code ran plain Python
     is delivered (see docs/principle.md, "Cancellation")."""
 
-    __slots__ = ("cancel_count", "cancelled", "loop", "requested_before", "task", "waiter")
+    __slots__ = (
+        "cancel_count",
+        "cancelled",
+        "loop",
+        "raiser",
+        "requested_before",
+        "task",
+        "waiter",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: Any) -> None:
         self.loop = loop
@@ -76,6 +84,9 @@ class AsyncioHost:
         self.requested_before = False
         #: the task's count of cancel requests when it was caught
         self.cancel_count = 0
+        # how the sync code's blocking calls raise ``cancelled`` (see
+        # _blocking): None if it was not handed to them
+        self.raiser: Any = None
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -99,8 +110,10 @@ class AsyncioHost:
             try:
                 await waiter
             except _CancelledError as err:
-                # the worker is running plain Python and cannot be
-                # interrupted
+                # the worker is running plain Python, which cannot be
+                # interrupted, or a blocking call (a sync driver's
+                # statement), which the cancellation interrupts: it is
+                # handed to the call's blocking calls below (_blocking)
                 self.waiter = None
                 if _interrupted_by(err) is not None:
                     # the loop is being torn down by a Ctrl-C (the runner
@@ -114,17 +127,23 @@ class AsyncioHost:
                     # await inside its scope, so it must not be re-armed (it
                     # would escape the scope); wait out the worker shielded,
                     # so that anyio does not retry on every loop iteration
-                    # meanwhile
+                    # meanwhile.  Every blocking call of the sync code raises
+                    # it from now on, as every await inside the scope would.
+                    call.blocking().cancel(_raiser(err), level=True)
                     native = await self._wait_shielded(call)
                     if native is not None:
                         self.cancelled = native
+                        self.raiser = None
                         self.cancel_count = _cancelling(self.task)
                     return
-                # asyncio's own, edge-triggered: deliver it at the worker's
-                # next await_() (or, see _defer, once the task next suspends)
+                # asyncio's own, edge-triggered: deliver it at the sync
+                # code's next blocking call or await_(), whichever comes
+                # first (or, see _defer, once the task next suspends)
                 self.cancelled = err
                 self.requested_before = self.requested_before or bool(pending)
                 self.cancel_count = _cancelling(self.task)
+                self.raiser = _raiser(err)
+                call.blocking().cancel(self.raiser, level=False)
 
     async def _wait_shielded(self, call: _Call) -> BaseException | None:
         """Wait for the worker's next message inside a shielded anyio scope.
@@ -155,11 +174,19 @@ class AsyncioHost:
             # under greenlet).  The count of cancel requests stays balanced.
             self.cancelled = None
             self.requested_before = False
+            if self._had(call):
+                return
             _rearm(self.task, cancelled)
 
     def after_last(self, call: _Call) -> None:
         cancelled, self.cancelled = self.cancelled, None
         if cancelled is None:
+            return
+        if self._had(call):
+            # raised at a blocking call of the sync code (a sync driver's
+            # statement), as at an await point: the call's outcome carries
+            # it, or the sync code chose to swallow it
+            self.requested_before = False
             return
         if self.requested_before:
             # requested at an await point whose awaitable finished without
@@ -176,6 +203,25 @@ class AsyncioHost:
         # result): it is requested again once this step of the task is
         # over, unless its requester withdrew it meanwhile (see _defer).
         _defer(self.task, self.loop, cancelled, self.cancel_count)
+
+    def _had(self, call: _Call) -> bool:
+        """The host delivers ``cancelled`` itself now: take it back from the
+        sync code's blocking calls.  Whether the sync code has had it there
+        already (then it is not delivered again)."""
+        raiser, self.raiser = self.raiser, None
+        return raiser is not None and call.blocking().retract(raiser)
+
+
+def _raiser(err: BaseException) -> Callable[[], NoReturn]:
+    """Raises, in the worker, a cancellation like ``err`` (its message
+    included: anyio recognises its own by it); a fresh exception each time,
+    as a level-triggered one may be raised at several blocking calls."""
+    args = err.args[:1]
+
+    def raise_cancelled() -> NoReturn:
+        raise _CancelledError(*args)
+
+    return raise_cancelled
 
 
 def _interrupted_by(err: BaseException) -> BaseException | None:

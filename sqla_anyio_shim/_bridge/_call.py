@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, cast, final
 
 from . import _channel, _interrupts, _workers
+from ._blocking import Blocking
 from ._context import apply_context
 from ._loop_proxy import _LoopProxy
 
@@ -139,6 +140,7 @@ class _Call:
     """One ``greenlet_spawn()`` in flight."""
 
     __slots__ = (
+        "_blocking",
         "args",
         "async_waiting",
         "channel",
@@ -204,7 +206,8 @@ class _Call:
         # seconds the host has blocked the loop in the current stretch
         self.hold = 0.0
         self.fn_name = getattr(fn, "__qualname__", None)
-        # guards user_running / injected (see _interrupts.inject)
+        # guards user_running / injected (see _interrupts.inject) and the
+        # making of _blocking
         self.state = threading.Lock()
         self.user_running = False
         self.injected = False
@@ -237,6 +240,9 @@ class _Call:
         # to the loop
         self.async_waiting = False
         self.mailbox = mailbox
+        # the sync code's blocking calls (sync drivers' statements) and the
+        # cancellation that interrupts them: made on first use (blocking())
+        self._blocking: Blocking | None = None
 
     # -- worker side -------------------------------------------------------
 
@@ -356,6 +362,21 @@ class _Call:
         if snapshot is not None:
             apply_context(snapshot, self.worker_tokens)
         return outcome.unwrap()
+
+    # -- either side -------------------------------------------------------
+
+    def blocking(self) -> Blocking:
+        """The call's blocking calls and the cancellation that interrupts
+        them (see _blocking), made on first use -- by the worker at a sync
+        driver's first statement, or by the host when it catches a
+        cancellation -- so that a call that has neither pays nothing."""
+        blocking = self._blocking
+        if blocking is None:
+            with self.state:
+                blocking = self._blocking
+                if blocking is None:
+                    blocking = self._blocking = Blocking()
+        return blocking
 
     # -- host side ---------------------------------------------------------
 

@@ -140,6 +140,28 @@ def note_sync_io() -> None:
         call.sync_io = True
 
 
+def run_blocking(interrupter: Callable[[], None] | None, fn: Callable[..., _T], *args: Any) -> _T:
+    """Call ``fn(*args)``, a blocking call of the sync code (a sync driver's
+    statement), as an await point: a cancellation of the task that awaits
+    the bridge is raised there -- at once if it arrived before, when ``fn``
+    returns if it arrives meanwhile, after calling ``interrupter()`` (from
+    another thread) to make ``fn`` return early.  Outside a worker it is
+    just ``fn(*args)``.  See _blocking."""
+    call = getattr(_local, "call", None)
+    if call is None:
+        return fn(*args)
+    return call.blocking().run(interrupter, fn, args)  # type: ignore[no-any-return]
+
+
+def ended_cleanly(exc: BaseException) -> bool:
+    """Whether ``exc`` is a cancellation that :func:`run_blocking` raised in
+    the current worker in place of an outcome the blocking call produced by
+    itself (it returned, raised an Exception, or never started): the
+    connection it used is in order, not abandoned mid-protocol."""
+    call = getattr(_local, "call", None)
+    return call is not None and call.blocking().clean is exc
+
+
 def host_is_trio() -> bool:
     """True in a bridge worker whose host task runs under trio."""
     call = getattr(_local, "call", None)

@@ -3,10 +3,11 @@ of its host (:class:`TrioHost`, see _host.Host).
 
 trio's cancellation is level-triggered, so the waits for the worker are
 uncancellable and a cancellation lands at the next checkpoint by itself
-(the next awaitable, or the caller's next checkpoint).  A cancellation that
-arrived while the sync code ran its last stretch of plain Python stays
-pending in trio's cancel scope and lands at the caller's next checkpoint:
-raising it at the end of the call would lose the outcome.
+(the next awaitable, or the caller's next checkpoint) -- or at the sync
+code's next blocking call, a running one interrupted (see _blocking).  A
+cancellation that arrived while the sync code ran its last stretch of plain
+Python stays pending in trio's cancel scope and lands at the caller's next
+checkpoint: raising it at the end of the call would lose the outcome.
 """
 
 from __future__ import annotations
@@ -19,15 +20,6 @@ from . import _workers
 from ._call import _Call
 from ._host import Slot, acquire_worker, give_back, place, run_call
 from ._wakeups import mailbox_for
-
-
-def _abort_failed(raise_cancel: Any) -> Any:
-    import trio
-
-    # the worker runs plain Python that cannot be interrupted: the wait is
-    # uncancellable and trio delivers the cancellation at the next
-    # checkpoint, which is the next await_() of the sync code
-    return trio.lowlevel.Abort.FAILED
 
 
 async def spawn(
@@ -75,20 +67,36 @@ async def spawn(
 class TrioHost:
     """The trio side of one call's host."""
 
-    __slots__ = ("_reschedule", "_token", "_wait", "task", "waiter")
+    __slots__ = ("_failed", "_reschedule", "_token", "_wait", "task", "waiter")
 
     def __init__(self, trio: Any, token: Any) -> None:
         self._token = token
         self._reschedule = trio.lowlevel.reschedule
         self._wait = trio.lowlevel.wait_task_rescheduled
+        self._failed = trio.lowlevel.Abort.FAILED
         self.task = trio.lowlevel.current_task()
         self.waiter: Any = None
 
     async def wait_for_message(self, call: _Call) -> None:
         channel = call.channel
+        failed = self._failed
+
+        def abort(raise_cancel: Any) -> Any:
+            # the worker runs plain Python, which cannot be interrupted: the
+            # wait is uncancellable and trio delivers the cancellation at
+            # the next checkpoint, the sync code's next await_().  Or it runs
+            # a blocking call (a sync driver's statement): that is
+            # interrupted, and it and every later one raises trio's
+            # cancellation (``raise_cancel``, called in the worker only
+            # there, so that a Ctrl-C it would carry stays pending
+            # otherwise) -- see _blocking.  trio calls this again at each
+            # wait inside the cancelled scope; the interruption fires once.
+            call.blocking().cancel(raise_cancel, level=True)
+            return failed
+
         while not channel.take_message():
             self.waiter = self.task
-            await self._wait(_abort_failed)
+            await self._wait(abort)
 
     def wake(self) -> None:
         waiter = self.waiter

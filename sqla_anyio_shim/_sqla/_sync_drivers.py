@@ -20,7 +20,16 @@ dialect answers with a subclass of itself (made once per class) that
 * turns off sqlite3's same-thread check, since a pooled connection is used
   by different workers one after another (never at the same time);
 * tells the bridge that the call did its I/O, so that SQLAlchemy's
-  ``_require_await`` check (made for async drivers) does not fire.
+  ``_require_await`` check (made for async drivers) does not fire;
+* runs each statement as an await point (``_bridge.run_blocking``): a
+  cancellation of the task -- a deadline -- stops the running statement
+  through the driver's interrupter (:data:`_INTERRUPTERS`) and is raised
+  there, as an async driver's awaited statement raises it.  The driver
+  stopped the statement and its connection is in order, so SQLAlchemy is
+  told it is not a disconnect (:func:`_keep_interrupted_connection`): the
+  transaction is rolled back and the connection kept, where a cancellation
+  (an exit exception) would otherwise invalidate it -- and with it a SQLite
+  ``:memory:`` database.
 
 ``postgresql+psycopg://`` normally resolves to the *async* psycopg dialect
 in ``create_async_engine()``; with sync drivers enabled it is the sync one
@@ -28,6 +37,21 @@ in ``create_async_engine()``; with sync drivers enabled it is the sync one
 
 An asyncio-only driver used under trio fails at its first connection with
 an error naming the sync-driver option (:func:`check_backend`).
+
+Interrupters (what stops a running statement, called from another thread
+while the worker is blocked in it):
+
+* psycopg (3): ``Connection.cancel_safe()`` (``cancel()`` before psycopg
+  3.2), the server's cancel request; the statement raises ``QueryCanceled``.
+* sqlite3: ``Connection.interrupt()``; the statement raises
+  ``OperationalError: interrupted``.
+* pymysql: ``KILL QUERY <thread id>`` sent on a second, short-lived
+  connection opened with the connection's own arguments; the statement
+  raises error 1317 (``SLEEP()`` returns 1 instead).
+
+Any other sync driver (psycopg2, pg8000, mysqlclient, mariadb, oracledb,
+pyodbc, ...) has no interrupter: its statement runs to its end and the
+cancellation is raised when it returns.
 """
 
 from __future__ import annotations
@@ -39,6 +63,10 @@ from typing import Any
 from .. import _bridge
 
 enabled = False
+
+#: seconds an interrupter may take (a cancel request, a KILL QUERY
+#: connection): past them the statement runs to its end
+INTERRUPT_TIMEOUT = 5.0
 
 _lock = threading.Lock()
 _subclasses: dict[type, type] = {}
@@ -113,6 +141,86 @@ class _BufferedCursor:
         return None
 
 
+# -- interrupting a running statement -------------------------------------
+
+#: the attribute of a MySQL DBAPI connection holding the arguments it was
+#: opened with (the KILL QUERY connection is opened with the same)
+_CONNECT_ARGS = "_sqla_anyio_shim_connect_args"
+
+
+def _psycopg_interrupter(dialect: Any, dbapi_conn: Any) -> Any:
+    cancel_safe = getattr(dbapi_conn, "cancel_safe", None)
+    if cancel_safe is None:  # psycopg < 3.2
+        return dbapi_conn.cancel
+
+    def cancel() -> None:
+        cancel_safe(timeout=INTERRUPT_TIMEOUT)
+
+    return cancel
+
+
+def _sqlite_interrupter(dialect: Any, dbapi_conn: Any) -> Any:
+    return dbapi_conn.interrupt
+
+
+def _mysql_interrupter(dialect: Any, dbapi_conn: Any) -> Any:
+    connect_args = getattr(dbapi_conn, _CONNECT_ARGS, None)
+    if connect_args is None:
+        return None
+
+    def kill_query() -> None:
+        cargs, cparams = connect_args
+        params = dict(cparams)
+        # bounded, whatever the engine's own timeouts are
+        for name in ("connect_timeout", "read_timeout", "write_timeout"):
+            params[name] = INTERRUPT_TIMEOUT
+        killer = dialect.loaded_dbapi.connect(*cargs, **params)
+        try:
+            cursor = killer.cursor()
+            try:
+                # KILL QUERY, not KILL: the statement stops, its session and
+                # transaction stay (an error packet, then the connection is
+                # usable), as psycopg's cancel request leaves it
+                cursor.execute(f"KILL QUERY {int(dbapi_conn.thread_id())}")
+            finally:
+                cursor.close()
+        finally:
+            killer.close()
+
+    return kill_query
+
+
+#: the dialect's driver name -> makes the interrupter of a DBAPI connection
+#: (None: it has none).  Only the drivers tested here
+#: (tests/test_sync_driver_deadlines.py).
+_INTERRUPTERS: dict[str, Any] = {
+    "psycopg": _psycopg_interrupter,
+    "pysqlite": _sqlite_interrupter,
+    "pymysql": _mysql_interrupter,
+}
+
+
+def _interrupter(dialect: Any, cursor: Any) -> Any:
+    make = _INTERRUPTERS.get(dialect.driver)
+    if make is None:
+        return None
+    dbapi_conn = getattr(cursor, "connection", None)
+    if dbapi_conn is None:
+        return None
+    return make(dialect, dbapi_conn)
+
+
+def _keep_interrupted_connection(ctx: Any) -> None:
+    """``handle_error`` of every sync-driver dialect: a cancellation that
+    the bridge raised at a statement the driver had stopped (or that never
+    started) is not a disconnect.  SQLAlchemy treats every exit exception
+    as one and invalidates the connection -- right for an async driver,
+    whose cancelled coroutine may leave its protocol mid-message, needless
+    here, and the end of a SQLite ``:memory:`` database."""
+    if ctx.is_disconnect and _bridge.ended_cleanly(ctx.original_exception):
+        ctx.is_disconnect = False
+
+
 def _execution_context(cls: type[Any]) -> type[Any]:
     base = cls.execution_ctx_cls
     sqlite = cls.name == "sqlite"
@@ -146,7 +254,7 @@ def sync_driver_dialect(cls: type[Any]) -> type[Any]:
         if sub is not None:
             return sub
 
-        from sqlalchemy import pool
+        from sqlalchemy import event, pool
 
         class _OneConnectionPool(pool.AsyncAdaptedQueuePool):
             """One connection, shared by every worker one at a time: a
@@ -176,23 +284,60 @@ def sync_driver_dialect(cls: type[Any]) -> type[Any]:
                 cparams["check_same_thread"] = False
             return cargs, cparams
 
+        remember_connect_args = cls.name in ("mysql", "mariadb")
+
+        def connect(self: Any, *cargs: Any, **cparams: Any) -> Any:
+            dbapi_conn = cls.connect(self, *cargs, **cparams)
+            if remember_connect_args:
+                try:
+                    setattr(dbapi_conn, _CONNECT_ARGS, (cargs, cparams))
+                except AttributeError:
+                    pass  # a driver class with __slots__: no interrupter
+            return dbapi_conn
+
+        # each statement is an await point (see the module docstring); the
+        # rows are fetched inside it (_BufferedCursor), so a slow fetch is
+        # interrupted too
         def do_execute(
             self: Any, cursor: Any, statement: Any, parameters: Any, context: Any = None
         ) -> None:
             _bridge.note_sync_io()
-            cls.do_execute(self, cursor, statement, parameters, context)
+            _bridge.run_blocking(
+                _interrupter(self, cursor),
+                cls.do_execute,
+                self,
+                cursor,
+                statement,
+                parameters,
+                context,
+            )
 
         def do_execute_no_params(
             self: Any, cursor: Any, statement: Any, context: Any = None
         ) -> None:
             _bridge.note_sync_io()
-            cls.do_execute_no_params(self, cursor, statement, context)
+            _bridge.run_blocking(
+                _interrupter(self, cursor),
+                cls.do_execute_no_params,
+                self,
+                cursor,
+                statement,
+                context,
+            )
 
         def do_executemany(
             self: Any, cursor: Any, statement: Any, parameters: Any, context: Any = None
         ) -> None:
             _bridge.note_sync_io()
-            cls.do_executemany(self, cursor, statement, parameters, context)
+            _bridge.run_blocking(
+                _interrupter(self, cursor),
+                cls.do_executemany,
+                self,
+                cursor,
+                statement,
+                parameters,
+                context,
+            )
 
         sub = type(
             cls.__name__ + "_syncdriver",
@@ -211,6 +356,7 @@ def sync_driver_dialect(cls: type[Any]) -> type[Any]:
                 ),
                 "get_pool_class": classmethod(get_pool_class),
                 "create_connect_args": create_connect_args,
+                "connect": connect,
                 "do_execute": do_execute,
                 "do_execute_no_params": do_execute_no_params,
                 "do_executemany": do_executemany,
@@ -220,6 +366,7 @@ def sync_driver_dialect(cls: type[Any]) -> type[Any]:
                 else cls.supports_server_side_cursors,
             },
         )
+        event.listen(sub, "handle_error", _keep_interrupted_connection)
         _subclasses[cls] = sub
         return sub
 
