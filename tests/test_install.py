@@ -33,6 +33,7 @@ def test_all_is_exact() -> None:
     assert sorted(sqla_anyio_shim.__all__) == sorted(
         [
             "install",
+            "keep_atomic",
             "uninstall",
             "is_installed",
             "stats",
