@@ -41,6 +41,8 @@ from sqlalchemy.pool import NullPool
 
 from sqla_anyio_shim._sqla import _sync_drivers
 
+from .test_edges import _arm_release
+
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
 IN_CI = os.environ.get("CI") == "true"
@@ -323,25 +325,6 @@ async def test_task_cancel_interrupts_slow_statement(anyio_backend: Any, driver:
     assert took[0] < BOUND, f"the task took {took[0]:.2f} s to be cancelled"
     await _server_stopped(driver, admin)
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-
-
-def _arm_release(release: threading.Event, delay: float) -> None:
-    """Set ``release`` from a loop timer ``delay`` s from now, on either
-    backend: it fires after an earlier deadline's own timer."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        loop = None
-    if loop is not None:
-        loop.call_later(delay, release.set)
-        return
-    import trio
-
-    async def later() -> None:
-        await trio.sleep(delay)
-        release.set()
-
-    trio.lowlevel.spawn_system_task(later)
 
 
 async def test_deadline_before_statement_in_same_call_skips_it(

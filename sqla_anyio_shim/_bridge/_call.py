@@ -257,7 +257,8 @@ class _Call:
             # thread (see _LoopProxy)
             _set_running_loop(cast(Any, _LoopProxy(loop, self.loop_thread, current_call)))
         try:
-            self.enter_domain()
+            if self.domain is not None:
+                self.enter_domain()
             self.enter_user()
             try:
                 self.outcome = Value(self.context.run(self.fn, *self.args, **self.kwargs))
@@ -336,8 +337,10 @@ class _Call:
         if self.host_gone:
             safe_close(awaitable)
             raise HostGone(HOST_GONE_MESSAGE)
-        # the stretch is over: another task's sync code on the engine may run
-        self.leave_domain()
+        # the stretch is over: another task's sync code on the engine may
+        # run (checked inline: this is the per-await path)
+        if self.domain_held:
+            self.leave_domain()
         self.deliver(awaitable)
         channel = self.channel
         interval = LIVENESS_INTERVAL
@@ -353,7 +356,8 @@ class _Call:
                 # the worker notices by itself.
                 self.host_gone = True
                 raise HostGone(HOST_GONE_MESSAGE)
-        self.enter_domain()
+        if self.domain is not None:
+            self.enter_domain()
         self.enter_user()
         inbox, self.inbox = self.inbox, None
         assert inbox is not None

@@ -226,17 +226,26 @@ def try_admit(fn: Any, args: tuple[Any, ...]) -> Any:
     """greenlet_spawn()'s admission, without waiting: a slot (release() it
     exactly once), None (a call on no engine that can be told), or
     :data:`WAIT` (await :func:`admit`)."""
-    global _occupied
     found = _classify(fn, args)
     if type(found) is not _EngineSlots:
         return found
     gate = found.gate
+    assert gate is not None  # _classify gives the slots only of a gated pool
     with _lock:
-        if limit is None or (gate.occupied < limit and not gate.queue):
-            gate.occupied += 1
-            _occupied += 1
+        if _take_slot_locked(gate):
             return found.gated
     return WAIT
+
+
+def _take_slot_locked(gate: _PoolGate) -> bool:
+    """Take one of the gate's slots if one is free and nobody waits for
+    one (under _lock)."""
+    global _occupied
+    if limit is None or (gate.occupied < limit and not gate.queue):
+        gate.occupied += 1
+        _occupied += 1
+        return True
+    return False
 
 
 async def admit(fn: Any, args: tuple[Any, ...]) -> Any:
@@ -246,11 +255,10 @@ async def admit(fn: Any, args: tuple[Any, ...]) -> Any:
     found = _classify(fn, args)
     if type(found) is not _EngineSlots:
         return found
-    gate: _PoolGate = found.gate
+    gate = found.gate
+    assert gate is not None  # _classify gives the slots only of a gated pool
     with _lock:
-        if limit is None or (gate.occupied < limit and not gate.queue):
-            gate.occupied += 1
-            _occupied += 1
+        if _take_slot_locked(gate):
             return found.gated
         ticket = _Ticket(gate, found.facts)
         gate.queue.append(ticket)

@@ -56,6 +56,7 @@ cancellation is raised when it returns.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import deque
 from typing import Any
@@ -298,46 +299,14 @@ def sync_driver_dialect(cls: type[Any]) -> type[Any]:
         # each statement is an await point (see the module docstring); the
         # rows are fetched inside it (_BufferedCursor), so a slow fetch is
         # interrupted too
-        def do_execute(
-            self: Any, cursor: Any, statement: Any, parameters: Any, context: Any = None
-        ) -> None:
-            _bridge.note_sync_io()
-            _bridge.run_blocking(
-                _interrupter(self, cursor),
-                cls.do_execute,
-                self,
-                cursor,
-                statement,
-                parameters,
-                context,
-            )
+        def as_await_point(method: Any) -> Any:
+            def statement(self: Any, cursor: Any, *args: Any, **kwargs: Any) -> None:
+                _bridge.note_sync_io()
+                fn = functools.partial(method, **kwargs) if kwargs else method
+                _bridge.run_blocking(_interrupter(self, cursor), fn, self, cursor, *args)
 
-        def do_execute_no_params(
-            self: Any, cursor: Any, statement: Any, context: Any = None
-        ) -> None:
-            _bridge.note_sync_io()
-            _bridge.run_blocking(
-                _interrupter(self, cursor),
-                cls.do_execute_no_params,
-                self,
-                cursor,
-                statement,
-                context,
-            )
-
-        def do_executemany(
-            self: Any, cursor: Any, statement: Any, parameters: Any, context: Any = None
-        ) -> None:
-            _bridge.note_sync_io()
-            _bridge.run_blocking(
-                _interrupter(self, cursor),
-                cls.do_executemany,
-                self,
-                cursor,
-                statement,
-                parameters,
-                context,
-            )
+            statement.__name__ = method.__name__
+            return statement
 
         sub = type(
             cls.__name__ + "_syncdriver",
@@ -357,9 +326,9 @@ def sync_driver_dialect(cls: type[Any]) -> type[Any]:
                 "get_pool_class": classmethod(get_pool_class),
                 "create_connect_args": create_connect_args,
                 "connect": connect,
-                "do_execute": do_execute,
-                "do_execute_no_params": do_execute_no_params,
-                "do_executemany": do_executemany,
+                "do_execute": as_await_point(cls.do_execute),
+                "do_execute_no_params": as_await_point(cls.do_execute_no_params),
+                "do_executemany": as_await_point(cls.do_executemany),
                 "execution_ctx_cls": _execution_context(cls),
                 "supports_server_side_cursors": True
                 if cls.name == "sqlite"
