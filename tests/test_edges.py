@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import sys
 import threading
 from typing import Any
@@ -29,6 +30,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
 greenlet_spawn = concurrency.greenlet_spawn
 await_ = getattr(concurrency, "await_", None) or concurrency.await_only
+in_greenlet = concurrency.in_greenlet
 
 HAS_TIMEOUT = hasattr(asyncio, "timeout")
 
@@ -552,6 +554,86 @@ async def test_loop_apis_from_sync_code(anyio_backend: Any, tmp_path: Any) -> No
             ("task ran on", True),
         ]
     ), seen
+
+
+# -- a finalizer that awaits, run by the GC inside await_()'s hand-off --------
+
+
+class _AwaitsWhenCollected:
+    """Awaits in ``__del__``, as aiosqlite's ``Connection.__del__`` does
+    (``asyncio.get_event_loop().create_future()``, a hop to the loop)."""
+
+    def __init__(self, seen: list[Any], asyncio_loop: bool) -> None:
+        self.seen = seen
+        self.asyncio_loop = asyncio_loop
+        self.cycle = self  # only the cycle collector frees it
+
+    def __del__(self) -> None:
+        try:
+            self.seen.append(await_(_plus_one(41)))
+            if self.asyncio_loop:
+                future = asyncio.get_event_loop().create_future()
+                self.seen.append(isinstance(future, asyncio.Future))
+        except BaseException as err:  # pragma: no cover -- shown by the assert
+            self.seen.append(err)
+
+
+async def _plus_one(value: int) -> int:
+    await anyio.lowlevel.checkpoint()
+    return value + 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "where", ["before the signal", "after the signal", "waiting for the reply"]
+)
+async def test_finalizer_that_awaits_inside_a_hand_off(
+    anyio_backend: Any, monkeypatch: Any, where: str
+) -> None:
+    """The garbage collector runs finalizers wherever the worker allocates,
+    inside await_()'s own hand-off too.  One that awaits nests as under
+    greenlet: it gets its result, and the outer await_() gets its own.
+    (Before: the nested hand-off overwrote the outer one's message and took
+    its reply -- SQLAlchemy's test_pool_classes[StaticPool] hung when a
+    spare aiosqlite connection was collected there.)"""
+    from sqla_anyio_shim._bridge import _channel
+
+    seen: list[Any] = []
+    armed = threading.Event()
+
+    def collect_once() -> None:
+        if armed.is_set() and in_greenlet():
+            armed.clear()
+            gc.collect()
+
+    for cls in (_channel._EventfdChannel, _channel._LockChannel):
+        signal_host, wait_reply = cls.signal_host, cls.wait_reply
+
+        def patched_signal(self: Any, _orig: Any = signal_host) -> None:
+            if where == "before the signal":
+                collect_once()
+            _orig(self)
+            if where == "after the signal":
+                collect_once()
+
+        def patched_wait(self: Any, timeout: float, _orig: Any = wait_reply) -> bool:
+            if where == "waiting for the reply":
+                collect_once()
+            return bool(_orig(self, timeout))
+
+        monkeypatch.setattr(cls, "signal_host", patched_signal)
+        monkeypatch.setattr(cls, "wait_reply", patched_wait)
+
+    def sync() -> int:
+        _AwaitsWhenCollected(seen, anyio_backend == "asyncio")
+        armed.set()
+        return int(await_(_plus_one(1))) + 100
+
+    gc.collect()
+    with anyio.fail_after(20):
+        assert await greenlet_spawn(sync) == 102
+    assert not armed.is_set(), "the hook never ran"
+    assert seen == ([42, True] if anyio_backend == "asyncio" else [42]), seen
 
 
 # -- scenario 12: names bound before install() ------------------------------

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 from .. import _options
 from . import _workers
 from ._call import _Call
-from ._host import Slot, acquire_worker, give_back, place, run_call
+from ._host import Slot, acquire_worker, give_back, place, run_call, serve_nested
 from ._interrupts import inject
 from ._wakeups import mailbox_for
 
@@ -100,6 +100,10 @@ class AsyncioHost:
 
     def alive(self) -> bool:
         return not self.loop.is_closed()
+
+    def run_nested(self, awaitable: Any, finish: Callable[[Any], None]) -> None:
+        loop = self.loop
+        loop.call_soon_threadsafe(loop.create_task, serve_nested(awaitable, finish))
 
     async def wait_for_message(self, call: _Call) -> None:
         channel = call.channel

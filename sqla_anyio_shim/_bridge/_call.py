@@ -167,6 +167,7 @@ class _Call:
         "outcome",
         "owners",
         "state",
+        "switching",
         "sync_io",
         "task",
         "thread_id",
@@ -209,6 +210,8 @@ class _Call:
         # guards user_running / injected (see _interrupts.inject) and the
         # making of _blocking
         self.state = threading.Lock()
+        # the worker is inside switch() (see _switch_nested)
+        self.switching = False
         self.user_running = False
         self.injected = False
         # KeyboardInterrupt / SystemExit that hit the host while it waited
@@ -333,39 +336,90 @@ class _Call:
     def switch(self, awaitable: Any) -> Any:
         """``await_()`` in the worker: hand ``awaitable`` to the host and
         block until it has been awaited."""
-        self.leave_user()
-        if self.host_gone:
-            safe_close(awaitable)
-            raise HostGone(HOST_GONE_MESSAGE)
-        # the stretch is over: another task's sync code on the engine may
-        # run (checked inline: this is the per-await path)
-        if self.domain_held:
-            self.leave_domain()
-        self.deliver(awaitable)
-        channel = self.channel
-        interval = LIVENESS_INTERVAL
-        while not channel.wait_reply(interval):
-            # rarely, and more rarely the longer it waits: thousands of
-            # workers parked in a pool's queue must not wake up every second
-            interval = min(interval * 2, LIVENESS_MAX_INTERVAL)
-            if not self.host.alive():
-                # the loop was closed (or the trio run ended) with the task
-                # parked here: nobody will ever reply.  greenlet would throw
-                # GreenletExit into this frame when the task is collected;
-                # the task cannot be collected while this frame holds it, so
-                # the worker notices by itself.
-                self.host_gone = True
+        if self.switching:
+            return self._switch_nested(awaitable)
+        self.switching = True
+        try:
+            self.leave_user()
+            if self.host_gone:
+                safe_close(awaitable)
                 raise HostGone(HOST_GONE_MESSAGE)
-        if self.domain is not None:
-            self.enter_domain()
-        self.enter_user()
-        inbox, self.inbox = self.inbox, None
+            # the stretch is over: another task's sync code on the engine
+            # may run (checked inline: this is the per-await path)
+            if self.domain_held:
+                self.leave_domain()
+            self.deliver(awaitable)
+            channel = self.channel
+            interval = LIVENESS_INTERVAL
+            while not channel.wait_reply(interval):
+                # rarely, and more rarely the longer it waits: thousands of
+                # workers parked in a pool's queue must not wake up every
+                # second
+                interval = min(interval * 2, LIVENESS_MAX_INTERVAL)
+                if not self.host.alive():
+                    # the loop was closed (or the trio run ended) with the
+                    # task parked here: nobody will ever reply.  greenlet
+                    # would throw GreenletExit into this frame when the task
+                    # is collected; the task cannot be collected while this
+                    # frame holds it, so the worker notices by itself.
+                    self.host_gone = True
+                    raise HostGone(HOST_GONE_MESSAGE)
+            if self.domain is not None:
+                self.enter_domain()
+            self.enter_user()
+            inbox, self.inbox = self.inbox, None
+        finally:
+            self.switching = False
         assert inbox is not None
         outcome, snapshot = inbox
         del inbox
         if snapshot is not None:
             apply_context(snapshot, self.worker_tokens)
         return outcome.unwrap()
+
+    def _switch_nested(self, awaitable: Any) -> Any:
+        """``await_()`` re-entered on this worker while its own ``switch()``
+        is mid-hand-off: a finalizer the garbage collector ran there (a
+        ``__del__``, a weakref callback) awaits something -- aiosqlite's
+        ``Connection.__del__`` calls ``loop.create_future()``, which
+        :class:`_LoopProxy` hops to the loop thread.  Under greenlet such a
+        switch simply nests.  Here the channel carries one message each
+        way at a time: a second hand-off through it would overwrite the one
+        in flight and take its reply (seen as SQLAlchemy's suite hanging
+        when a pool's spare connection was collected mid-``await_()``), and
+        the nested call must not touch the outer one's domain or user
+        state either.  So it goes to the loop by the backend's thread-safe
+        scheduling, as a task of its own, and this thread waits for it.
+
+        The host may be blocking its loop for the outer hand-off's message
+        (``handoff_timeout``): that wait is bounded, so the loop runs the
+        nested call soon after; with ``handoff_timeout=None`` it is not,
+        and waiting would deadlock, so that case raises instead."""
+        if self.handoff < 0:
+            safe_close(awaitable)
+            raise RuntimeError(
+                "await_() was called re-entrantly, from a finalizer (__del__ "
+                "or a weakref callback) that ran while this worker's own "
+                "await_() was handing off to the event loop; with "
+                "install(handoff_timeout=None) the loop may be blocked for "
+                "that hand-off, so the finalizer cannot be served.  Close the "
+                "object explicitly instead of leaving it to the garbage "
+                "collector, or use a bounded handoff_timeout"
+            )
+        done = threading.Event()
+        box: list[Outcome[Any]] = []
+
+        def finish(outcome: Outcome[Any]) -> None:
+            box.append(outcome)
+            done.set()
+
+        self.host.run_nested(awaitable, finish)
+        interval = LIVENESS_INTERVAL
+        while not done.wait(interval):
+            interval = min(interval * 2, LIVENESS_MAX_INTERVAL)
+            if not self.host.alive():
+                raise HostGone(HOST_GONE_MESSAGE)
+        return box[0].unwrap()
 
     # -- either side -------------------------------------------------------
 

@@ -67,6 +67,11 @@ class Host(Protocol):
     def after_last(self, call: _Call) -> None:
         """The worker has delivered DONE."""
 
+    def run_nested(self, awaitable: Any, finish: Callable[[Outcome[Any]], None]) -> None:
+        """Called from the worker, thread-safe: have the loop run
+        :func:`serve_nested` for an ``await_()`` re-entered by a finalizer
+        (see _Call._switch_nested)."""
+
 
 # -- what SQLAlchemy knowledge plugs in -------------------------------------
 
@@ -185,6 +190,22 @@ async def acquire_worker(holder: bool) -> _workers._Worker:
         worker = pool.try_acquire()
         if worker is not None:
             return worker
+
+
+async def serve_nested(awaitable: Any, finish: Callable[[Outcome[Any]], None]) -> None:
+    """A task of its own on the loop for an ``await_()`` that a finalizer
+    re-entered in a worker mid-hand-off (_Call._switch_nested): its outcome
+    goes to the waiting worker, whatever it is."""
+    try:
+        value = await awaitable
+    except BaseException as err:
+        finish(Error(err))
+        if not isinstance(err, Exception):
+            # trio's Cancelled (the run ending) must propagate out of the
+            # system task; asyncio's CancelledError ends the task anyway
+            raise
+    else:
+        finish(Value(value))
 
 
 async def run_call(call: _Call, worker: Any, host: Host, require_await: bool) -> Any:

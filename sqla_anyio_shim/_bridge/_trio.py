@@ -18,7 +18,7 @@ from typing import Any
 
 from . import _workers
 from ._call import _Call
-from ._host import Slot, acquire_worker, give_back, place, run_call
+from ._host import Slot, acquire_worker, give_back, place, run_call, serve_nested
 from ._wakeups import mailbox_for
 
 
@@ -113,6 +113,10 @@ class TrioHost:
         except RuntimeError:
             return False
         return True
+
+    def run_nested(self, awaitable: Any, finish: Callable[[Any], None]) -> None:
+        trio = sys.modules["trio"]
+        self._token.run_sync_soon(trio.lowlevel.spawn_system_task, serve_nested, awaitable, finish)
 
     def before_serve(self, call: _Call) -> None:
         pass

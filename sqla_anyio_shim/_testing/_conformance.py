@@ -340,6 +340,11 @@ def run_suite(
         "-q",
         "-rfE",
         f"--junitxml={junit}",
+        # a test that hangs dumps every thread's stack long before the run is
+        # killed (no upstream test takes more than seconds), so a hang in CI
+        # says where it is instead of just "killed after 900 s"
+        "-o",
+        f"faulthandler_timeout={max(60, int(timeout / 4))}",
         *_drop_first(db_args),
         *test_paths(version),
         *db_args,
