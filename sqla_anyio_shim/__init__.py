@@ -140,7 +140,22 @@ def keep_atomic(engine: Any) -> None:
 
 def uninstall() -> None:
     """Restore exactly what :func:`install` replaced (greenlet is used
-    again if it is installed).  Idle worker threads are stopped."""
+    again if it is installed).  Idle worker threads are stopped.
+
+    Refused (RuntimeError) while ``greenlet_spawn()`` calls are in flight:
+    their sync code would go on with SQLAlchemy's own helpers, which cannot
+    reach their host task (``MissingGreenlet``, or a pool that waits for
+    connections those calls would never return)."""
+    in_flight = int(_bridge.call_stats()["calls_in_flight"])
+    if in_flight and _patching.is_installed():
+        raise RuntimeError(
+            f"sqla_anyio_shim.uninstall() was called with {in_flight} "
+            "greenlet_spawn() call(s) in flight (sessions, connections or "
+            "run_sync() at work); their sync code runs on this bridge and "
+            "would lose its way back to the event loop, and their "
+            "connections with it.  Await them (or close the engines: "
+            "await engine.dispose()) before uninstalling"
+        )
     _patching.uninstall()
     # the other options stay as they were (install() sets them all again)
     _options.apply(dataclasses.replace(_options.current, sync_drivers=False))

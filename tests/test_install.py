@@ -239,3 +239,52 @@ def test_sqlalchemy_21_names() -> None:
             raise AssertionError("greenlet is importable in the test environment")
         """
     )
+
+
+def test_uninstall_is_refused_while_calls_are_in_flight() -> None:
+    """Issue 16, item 10: uninstall() with a greenlet_spawn() call parked at
+    an await point raises a RuntimeError that names the calls in flight and
+    the fix, and leaves the bridge installed, so the call finishes on it
+    (before: it went on with SQLAlchemy's helpers -- MissingGreenlet, or a
+    pool timeout with its connection lost).  Once the call is over,
+    uninstall() works."""
+    out = run_fresh(
+        """
+        import asyncio
+        import sqla_anyio_shim
+        sqla_anyio_shim.install()
+        from sqlalchemy.util import concurrency
+        await_ = getattr(concurrency, "await_", None) or concurrency.await_only
+
+        async def main():
+            parked, release = asyncio.Event(), asyncio.Event()
+
+            async def wait():
+                parked.set()
+                await asyncio.wait_for(release.wait(), 30)
+                return 1
+
+            def sync():
+                return await_(wait()) + await_(wait())
+
+            task = asyncio.ensure_future(concurrency.greenlet_spawn(sync))
+            await asyncio.wait_for(parked.wait(), 30)
+            try:
+                sqla_anyio_shim.uninstall()
+            except RuntimeError as err:
+                print("refused:", "1 greenlet_spawn() call(s) in flight" in str(err))
+            print("still installed:", sqla_anyio_shim.is_installed())
+            release.set()
+            print("result:", await asyncio.wait_for(task, 30))
+
+        asyncio.run(main())
+        sqla_anyio_shim.uninstall()
+        print("uninstalled:", not sqla_anyio_shim.is_installed())
+        """
+    )
+    assert out.split("\n")[:4] == [
+        "refused: True",
+        "still installed: True",
+        "result: 2",
+        "uninstalled: True",
+    ], out
