@@ -288,3 +288,68 @@ def test_uninstall_is_refused_while_calls_are_in_flight() -> None:
         "result: 2",
         "uninstalled: True",
     ], out
+
+
+def test_descriptors_stay_within_budget_and_leave_with_the_threads() -> None:
+    """Issue 16, item 6: with RLIMIT_NOFILE=256, 150 calls parked at once
+    (150 workers) keep the bridge's eventfds within a quarter of the limit
+    (locks take over past it), so the application's open() still works; and
+    once the burst's workers retire, their idle channels are closed too
+    (before: 256 descriptors taken, EMFILE in the application, and over 100
+    still held after the threads had gone)."""
+    out = run_fresh(
+        """
+        import asyncio, os, resource, time
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        import sqla_anyio_shim
+        sqla_anyio_shim.install(idle_timeout=0.2)
+        from sqlalchemy.util import concurrency
+        from sqla_anyio_shim._bridge import _channel
+        await_ = getattr(concurrency, "await_", None) or concurrency.await_only
+
+        def fds():
+            return len(os.listdir("/proc/self/fd"))
+
+        base = fds()
+
+        async def main():
+            release = asyncio.Event()
+            parked = 0
+
+            async def wait():
+                nonlocal parked
+                parked += 1
+                await asyncio.wait_for(release.wait(), 60)
+                return 1
+
+            def sync():
+                return await_(wait())
+
+            tasks = [asyncio.ensure_future(concurrency.greenlet_spawn(sync)) for _ in range(150)]
+            deadline = time.monotonic() + 60
+            while parked < 150 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            print("parked:", parked)
+            print("budget:", _channel.FD_BUDGET)
+            print("within budget:", fds() - base <= _channel.FD_BUDGET + 8, fds() - base)
+            with open(os.devnull) as f:
+                print("open works:", f.readable())
+            release.set()
+            print("results:", sum(await asyncio.gather(*tasks)))
+
+        asyncio.run(main())
+        deadline = time.monotonic() + 30
+        while sqla_anyio_shim.stats().workers_total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print("workers:", sqla_anyio_shim.stats().workers_total)
+        print("fds back:", fds() - base <= 2, fds() - base)
+        """
+    )
+    lines = out.splitlines()
+    assert lines[0] == "parked: 150", out
+    assert lines[1] == "budget: 64", out
+    assert lines[2].startswith("within budget: True"), out
+    assert lines[3:5] == ["open works: True", "results: 150"], out
+    assert lines[5] == "workers: 0", out
+    assert lines[6].startswith("fds back: True"), out

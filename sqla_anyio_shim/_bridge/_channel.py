@@ -39,7 +39,7 @@ import select
 import threading
 from typing import Union
 
-__all__ = ["Channel", "Wake", "get", "new_wake", "put", "reset_after_fork"]
+__all__ = ["Channel", "Wake", "fds_held", "get", "new_wake", "put", "reset_after_fork", "trim"]
 
 _HAS_EVENTFD = hasattr(os, "eventfd") and hasattr(select, "poll")
 
@@ -102,6 +102,7 @@ class _EventfdChannel:
         fds, self._to_host, self._to_worker = (self._to_host, self._to_worker), -1, -1
         for fd in fds:
             if fd >= 0:
+                _count_fds(-1)
                 try:
                     os.close(fd)
                 except OSError:
@@ -164,6 +165,7 @@ class _EventfdWake:
     def close(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
+            _count_fds(-1)
             try:
                 os.close(fd)
             except OSError:
@@ -191,11 +193,11 @@ Wake = Union[_EventfdWake, _LockWake]  # noqa: UP007 -- a runtime alias
 
 
 def new_wake() -> Wake:
-    if _HAS_EVENTFD:
+    if _HAS_EVENTFD and _take_fds(1):
         try:
             return _EventfdWake()
         except OSError:
-            pass  # out of descriptors
+            _count_fds(-1)  # out of descriptors
     return _LockWake()
 
 
@@ -207,17 +209,78 @@ _free: list[Channel] = []
 MAX_FREE = 256
 
 
+def _fd_budget() -> int:
+    """How many descriptors the bridge's eventfds may hold at once: a
+    quarter of the process's soft RLIMIT_NOFILE (at most 4,096).  Past it,
+    channels and wake-ups fall back to locks -- slower hops, but the
+    application's own open() and its database connections never meet
+    EMFILE because of the bridge (issue 16, item 6: with a limit of 256, a
+    300-task burst took all 256 and the application's open() failed)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 4096
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 4096
+    return max(8, min(soft // 4, 4096))
+
+
+#: see _fd_budget; read once (a process rarely changes its limit)
+FD_BUDGET = _fd_budget()
+# eventfd descriptors the bridge holds now (guarded by _fd_lock)
+_fds = 0
+_fd_lock = threading.Lock()
+
+
+def _take_fds(n: int) -> bool:
+    """Reserve ``n`` descriptors of the budget, if they fit."""
+    global _fds
+    with _fd_lock:
+        if _fds + n > FD_BUDGET:
+            return False
+        _fds += n
+        return True
+
+
+def _count_fds(n: int) -> None:
+    global _fds
+    with _fd_lock:
+        _fds += n
+
+
+def fds_held() -> int:
+    """The eventfd descriptors the bridge holds now (tests, diagnostics)."""
+    return _fds
+
+
 def get() -> Channel:
     """A channel with no pending wake-up in either direction."""
     with _lock:
         if _free:
             return _free.pop()
-    if _HAS_EVENTFD:
+    if _HAS_EVENTFD and _take_fds(2):
         try:
             return _EventfdChannel()
         except OSError:
-            pass  # out of descriptors: the lock pair works too
+            # out of descriptors: the lock pair works too
+            _count_fds(-2)
     return _LockChannel()
+
+
+def trim(keep: int) -> None:
+    """Close idle channels beyond ``keep`` (the workers still alive: a call
+    in flight needs one channel, so more idle ones only hold descriptors);
+    called when a worker retires, so that a burst's channels do not outlive
+    its threads."""
+    with _lock:
+        # the oldest first: the free list is LIFO, its end the warmest
+        surplus = max(0, len(_free) - keep)
+        extra = _free[:surplus]
+        del _free[:surplus]
+    for channel in extra:
+        channel.close()
 
 
 def put(channel: Channel, clean: bool) -> None:
@@ -238,11 +301,14 @@ def reset_after_fork() -> None:
     """In a forked child: the idle channels' descriptors are copies of the
     parent's (the same eventfds); close the child's copies and start
     afresh."""
-    global _lock
+    global _lock, _fd_lock, _fds
     _lock = threading.Lock()
+    _fd_lock = threading.Lock()
     for channel in _free:
         channel.close()
     _free.clear()
+    # the other descriptors counted were the parent's threads' and calls'
+    _fds = 0
 
 
 if hasattr(os, "register_at_fork"):

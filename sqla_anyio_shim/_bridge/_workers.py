@@ -385,6 +385,9 @@ class WorkerPool:
                 return False
             self._all.discard(worker)
             total = len(self._all)
+        # the burst is over: idle channels beyond the threads left only hold
+        # descriptors
+        _channel.trim(total)
         _log.debug(
             "worker thread %s retired after %.1f s idle (%d workers)",
             worker.thread.name,
