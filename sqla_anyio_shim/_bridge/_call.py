@@ -349,21 +349,9 @@ class _Call:
             if self.domain_held:
                 self.leave_domain()
             self.deliver(awaitable)
-            channel = self.channel
-            interval = LIVENESS_INTERVAL
-            while not channel.wait_reply(interval):
-                # rarely, and more rarely the longer it waits: thousands of
-                # workers parked in a pool's queue must not wake up every
-                # second
-                interval = min(interval * 2, LIVENESS_MAX_INTERVAL)
-                if not self.host.alive():
-                    # the loop was closed (or the trio run ended) with the
-                    # task parked here: nobody will ever reply.  greenlet
-                    # would throw GreenletExit into this frame when the task
-                    # is collected; the task cannot be collected while this
-                    # frame holds it, so the worker notices by itself.
-                    self.host_gone = True
-                    raise HostGone(HOST_GONE_MESSAGE)
+            wait_reply = self.channel.wait_reply
+            if not wait_reply(LIVENESS_INTERVAL):
+                self._wait_while_alive(wait_reply)
             if self.domain is not None:
                 self.enter_domain()
             self.enter_user()
@@ -414,12 +402,29 @@ class _Call:
             done.set()
 
         self.host.run_nested(awaitable, finish)
-        interval = LIVENESS_INTERVAL
-        while not done.wait(interval):
-            interval = min(interval * 2, LIVENESS_MAX_INTERVAL)
-            if not self.host.alive():
-                raise HostGone(HOST_GONE_MESSAGE)
+        if not done.wait(LIVENESS_INTERVAL):
+            self._wait_while_alive(done.wait)
         return box[0].unwrap()
+
+    def _wait_while_alive(self, wait: Callable[[float], bool]) -> None:
+        """Go on waiting (``wait(timeout)`` returns True once the reply is
+        there) after a first LIVENESS_INTERVAL went by without it, checking
+        that the host can still reply -- rarely, and more rarely the longer
+        it waits: thousands of workers parked in a pool's queue must not
+        wake up every second."""
+        interval = LIVENESS_INTERVAL
+        while True:
+            if not self.host.alive():
+                # the loop was closed (or the trio run ended) with the task
+                # parked here: nobody will ever reply.  greenlet would throw
+                # GreenletExit into this frame when the task is collected;
+                # the task cannot be collected while this frame holds it, so
+                # the worker notices by itself.
+                self.host_gone = True
+                raise HostGone(HOST_GONE_MESSAGE)
+            interval = min(interval * 2, LIVENESS_MAX_INTERVAL)
+            if wait(interval):
+                return
 
     # -- either side -------------------------------------------------------
 

@@ -39,7 +39,7 @@ import select
 import threading
 from typing import Union
 
-__all__ = ["Channel", "Wake", "fds_held", "get", "new_wake", "put", "reset_after_fork", "trim"]
+__all__ = ["Channel", "Wake", "get", "new_wake", "put", "reset_after_fork", "trim"]
 
 _HAS_EVENTFD = hasattr(os, "eventfd") and hasattr(select, "poll")
 
@@ -229,15 +229,14 @@ def _fd_budget() -> int:
 
 #: see _fd_budget; read once (a process rarely changes its limit)
 FD_BUDGET = _fd_budget()
-# eventfd descriptors the bridge holds now (guarded by _fd_lock)
+# eventfd descriptors the bridge holds now (guarded by _lock)
 _fds = 0
-_fd_lock = threading.Lock()
 
 
 def _take_fds(n: int) -> bool:
     """Reserve ``n`` descriptors of the budget, if they fit."""
     global _fds
-    with _fd_lock:
+    with _lock:
         if _fds + n > FD_BUDGET:
             return False
         _fds += n
@@ -246,13 +245,8 @@ def _take_fds(n: int) -> bool:
 
 def _count_fds(n: int) -> None:
     global _fds
-    with _fd_lock:
+    with _lock:
         _fds += n
-
-
-def fds_held() -> int:
-    """The eventfd descriptors the bridge holds now (tests, diagnostics)."""
-    return _fds
 
 
 def get() -> Channel:
@@ -301,9 +295,8 @@ def reset_after_fork() -> None:
     """In a forked child: the idle channels' descriptors are copies of the
     parent's (the same eventfds); close the child's copies and start
     afresh."""
-    global _lock, _fd_lock, _fds
+    global _lock, _fds
     _lock = threading.Lock()
-    _fd_lock = threading.Lock()
     for channel in _free:
         channel.close()
     _free.clear()
