@@ -691,8 +691,10 @@ sqla_anyio_shim.install(handoff_timeout={handoff})
 from sqlalchemy.util import concurrency
 
 def cpu_bound():
-    print("ready", flush=True)
     try:
+        # inside the try: the test presses Ctrl-C the moment it reads this,
+        # and the interrupt may land at the very next line
+        print("ready", flush=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # plain Python, no await point
             pass
@@ -776,6 +778,54 @@ def _busy_until_interrupted(started: threading.Event, seen: list[str]) -> None:
         seen.append("except")
     finally:
         seen.append("finally")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["before the job", "before the wake-up", "after the wake-up"])
+async def test_ctrl_c_inside_the_hand_over_reaches_the_sync_code(
+    anyio_backend: Any, monkeypatch: Any, where: str
+) -> None:
+    """Ctrl-C that lands inside the host's ``submit()`` (CPython 3.10's
+    ``asyncio.run`` and ``run_until_complete`` raise KeyboardInterrupt
+    wherever the loop thread is; CI caught it there once, the signal sent
+    the moment the worker started).  Whether the worker had its job or not,
+    it runs it exactly once: the sync code gets the interrupt (its cleanup
+    runs) or, not begun yet, does not start; greenlet_spawn() raises it; and
+    the worker goes back to the pool and serves the next calls (the extra
+    wake-up it was given finds no job).  On the old code the worker was
+    abandoned mid-call (or never started while the host waited for it)."""
+    from sqla_anyio_shim._bridge import _workers
+
+    started = threading.Event()
+    seen: list[str] = []
+    real_submit = _workers._Worker.submit
+
+    def submit(self: Any, job: Any) -> None:
+        if where == "before the job":
+            raise KeyboardInterrupt
+        if where == "before the wake-up":
+            self._job = job
+            raise KeyboardInterrupt
+        real_submit(self, job)
+        assert started.wait(10), "the worker never started the sync code"
+        raise KeyboardInterrupt
+
+    before = _workers.pool.total
+    monkeypatch.setattr(_workers._Worker, "submit", submit)
+    with pytest.raises(KeyboardInterrupt):
+        await greenlet_spawn(_busy_until_interrupted, started, seen)
+    monkeypatch.undo()
+    if where == "after the wake-up":
+        assert seen == ["except", "finally"]
+    else:
+        # the interrupt was there before the sync code began
+        assert seen == [] and not started.is_set()
+    with anyio.fail_after(10):
+        for value in range(3):
+            assert await greenlet_spawn(lambda v=value: v) == value
+    stats = _workers.pool.stats()
+    assert stats.busy == 0, stats
+    assert _workers.pool.total <= max(before, 1), (before, stats)
 
 
 def test_interrupt_raised_in_a_thread_lands_inside_its_try() -> None:

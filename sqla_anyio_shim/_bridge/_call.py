@@ -262,7 +262,7 @@ class _Call:
         try:
             if self.domain is not None:
                 self.enter_domain()
-            self.enter_user()
+            self.enter_user(first=True)
             try:
                 self.outcome = Value(self.context.run(self.fn, *self.args, **self.kwargs))
             finally:
@@ -284,8 +284,14 @@ class _Call:
         self.deliver(DONE)
         self.release_channel()
 
-    def enter_user(self) -> None:
+    def enter_user(self, first: bool = False) -> None:
         with self.state:
+            interrupt = self.interrupt
+            if first and interrupt is not None and not self.injected:
+                # Ctrl-C hit the host as it handed this call over, before
+                # the sync code began (_host._start): inject() found nothing
+                # to interrupt, so the sync code does not start at all
+                raise interrupt
             self.user_running = True
 
     def leave_user(self) -> None:

@@ -180,7 +180,12 @@ class _LockWake:
         self._lock.acquire()
 
     def set(self) -> None:
-        self._lock.release()
+        try:
+            self._lock.release()
+        except RuntimeError:
+            # set already (a wake-up given twice, _Worker.resubmit): one is
+            # as good as two -- the worker finds no job and waits again
+            pass
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._lock.acquire(True, -1 if timeout is None else timeout)

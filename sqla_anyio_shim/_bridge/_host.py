@@ -215,7 +215,7 @@ async def run_call(call: _Call, worker: Any, host: Host, require_await: bool) ->
     call.host = host
     _stats.count_call(1)
     try:
-        worker.submit(call.run)
+        _start(call, worker)
         channel = call.channel
         switched = False
         first = True
@@ -246,6 +246,25 @@ async def run_call(call: _Call, worker: Any, host: Host, require_await: bool) ->
         release_slot(call)
         _end_stretch(call)
         call.release_channel()
+
+
+def _start(call: _Call, worker: Any) -> None:
+    """Hand ``call`` to ``worker``.
+
+    On the loop thread a signal handler can raise at any bytecode: with
+    CPython 3.10's ``asyncio.run`` or ``loop.run_until_complete`` the first
+    Ctrl-C raises KeyboardInterrupt wherever the loop thread is, and it lands
+    inside ``submit()`` when it comes just as the worker starts.  Propagating
+    from here would abandon a worker that may already run the sync code; so
+    the hand-over is completed (exactly once, _Worker.resubmit) and the
+    interrupt is delivered into the sync code, as in _acquire_blocking."""
+    try:
+        worker.submit(call.run)
+    except BaseException as exc:
+        # the interrupt first: a worker that had not begun then finds it as
+        # it enters the sync code (_Call.enter_user), and does not start it
+        _interrupted(call, exc)
+        worker.resubmit(call.run, call.thread_id != 0)
 
 
 def place(call: _Call, slot: Slot | None) -> None:

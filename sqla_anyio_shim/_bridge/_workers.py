@@ -81,6 +81,9 @@ _log = logging.getLogger("sqla_anyio_shim")
 #: the name of every worker thread (tests and thread dumps look for it)
 THREAD_NAME = "sqla-anyio-shim-worker"
 
+#: the job that ends a worker thread (pool shutdown, retirement)
+STOP = object()
+
 #: a wake-up for a call waiting for a free worker.  It returns False (or
 #: raises) when the waiting call can never run again -- its event loop is
 #: closed -- and the pool then wakes the next waiter instead.
@@ -110,15 +113,30 @@ class _Worker:
         # where there is one (a Lock spins under contention on free-threaded
         # builds; see _channel)
         self._wake = _channel.new_wake()
-        self._job: Callable[[], None] | None = None
+        self._job: Callable[[], None] | object | None = None
         # whether the running job has already handed this worker back to
         # the pool (guarded by the pool's lock; see WorkerPool.release)
         self.released = False
         self.thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
 
-    def submit(self, job: Callable[[], None] | None) -> None:
-        """Hand ``job`` to this worker (``None`` stops the thread)."""
+    def submit(self, job: Callable[[], None] | object) -> None:
+        """Hand ``job`` to this worker (``STOP`` ends the thread)."""
         self._job = job
+        self._wake.set()
+
+    def resubmit(self, job: Callable[[], None], started: bool) -> None:
+        """``submit(job)`` was cut short at a point unknown -- a signal
+        handler (Ctrl-C) raised inside it, on the loop thread: make sure the
+        worker gets ``job``, and only once.  ``started``: whether the job has
+        begun running.
+
+        The job stays in ``_job`` until the worker is released (see
+        _release_locked), so ``None``
+        there means either that the assignment never happened or that the
+        job is over; ``started`` tells the two apart.  The wake-up is given
+        again in every case: a worker woken with no job waits again."""
+        if self._job is None and not started:
+            self._job = job
         self._wake.set()
 
     def _run(self) -> None:
@@ -133,11 +151,13 @@ class _Worker:
                     # and is about to hand us a job: wait for it
                     wake.wait()
                 job = self._job
-                self._job = None
-                if job is None:  # shutdown request
+                if job is None:
+                    # a wake-up given twice (resubmit): nothing to run
+                    continue
+                if job is STOP:
                     return
                 try:
-                    job()
+                    job()  # type: ignore[operator]
                 except BaseException:
                     # a dead worker would strand the next call handed to it
                     # (and everything that call holds): report and go on
@@ -147,7 +167,8 @@ class _Worker:
                         exc_info=True,
                     )
                 # release our reference before idling so that nothing the
-                # job referenced outlives it (checked by a weakref test)
+                # job referenced outlives it (checked by a weakref test);
+                # ``_job`` itself is cleared when the worker is released
                 del job
                 pool._job_done(self)
         finally:
@@ -305,13 +326,16 @@ class WorkerPool:
         if worker not in self._all:
             # its pool was reset at a fork (this is the child, and this is
             # the thread that forked): it is not a worker here
-            worker._job = None
-            worker._wake.set()  # the None job ends the thread
+            worker._job = STOP
+            worker._wake.set()
         elif self.max_idle_workers is not None and len(self._idle) >= self.max_idle_workers:
             self._all.discard(worker)
-            worker._job = None
-            worker._wake.set()  # the None job ends the thread
+            worker._job = STOP
+            worker._wake.set()
         else:
+            # the job is over (cleared here, not when the worker took it:
+            # see resubmit); the next submit() can come only after this
+            worker._job = None
             self._idle.append(worker)
         self._wake_next_locked()
 
@@ -332,7 +356,7 @@ class WorkerPool:
                 # interrupted (Ctrl-C) after the thread did start: stop it,
                 # it is not counted and no job will ever come (the thread
                 # closes its wake-up when it ends)
-                worker.submit(None)
+                worker.submit(STOP)
             else:
                 worker._wake.close()  # never started: nobody else has it
             running = self._unreserve()
@@ -421,7 +445,7 @@ class WorkerPool:
             for worker in idle:
                 self._all.discard(worker)
         for worker in idle:
-            worker.submit(None)
+            worker.submit(STOP)
         for worker in idle:
             worker.thread.join(timeout)
 
