@@ -124,6 +124,10 @@ def install(
     _patching.install(sync_drivers=settings.sync_drivers)
     _options.apply(settings)
     _admission.configure(settings.max_pool_waiters)
+    if _bridge.NO_THREADS_AT_EXIT:
+        # CPython 3.12 starts no thread in atexit handlers: keep one worker
+        # for a query made there (as greenlet runs it)
+        _bridge.pool.keep_reserve()
 
 
 def keep_atomic(engine: Any) -> None:

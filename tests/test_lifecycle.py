@@ -759,3 +759,75 @@ def test_primitive_waiter_finalized_inside_its_mutex() -> None:
     thread.join(10)
     assert done == ["queue", "lock"], f"deadlocked after {done}"
     assert not queue_state.getters and not lock_state.waiters
+
+
+# -- a query in an atexit handler (issue 16, item 7) ----------------------------
+
+_ATEXIT_QUERY = """
+import atexit
+backend, before = sys.argv[1], sys.argv[2]
+if before == "retired":
+    # the bridge was used, then every worker went idle for longer than
+    # idle_timeout (the issue's "idle for more than 10 s", made short)
+    sqla_anyio_shim.install(sync_drivers=True, idle_timeout=0.05)
+    assert run_query(backend, 1) == 1
+    if _workers.NO_THREADS_AT_EXIT:
+        # the reserve outlives many idle timeouts
+        threading.Event().wait(0.5)
+        assert stats()["total"] == 1, stats()
+    else:
+        poll(lambda: stats()["total"] == 0, "the idle worker to retire")
+
+def at_exit():
+    # as greenlet does: the last write of a program, from atexit
+    print(json.dumps({"value": run_query(backend, 7), "alive": alive_workers()}))
+
+atexit.register(at_exit)
+"""
+
+
+@pytest.mark.parametrize("before", ["fresh", "retired"])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_query_in_an_atexit_handler(backend: str, before: str) -> None:
+    """A query made from an ``atexit`` handler runs, in a process that never
+    used the bridge before and in one whose workers had all retired.
+    CPython 3.12 starts no thread once shutdown has begun ("can't create new
+    thread at interpreter shutdown", the issue's failure), so there the pool
+    keeps one worker in reserve; elsewhere a worker is started as usual."""
+    out = _run_script(_ATEXIT_QUERY, backend, before)
+    assert out["value"] == 7, out
+    assert out["alive"] >= 1
+    assert "Traceback" not in out["stderr"], out["stderr"]
+
+
+async def test_the_reserve_worker_never_retires(anyio_backend: Any) -> None:
+    """``keep_reserve()`` (what install() does on 3.12): one worker thread
+    stays through idle timeouts and ``max_idle_workers=0``; the others
+    retire as usual; ``shutdown()`` ends the reserve too."""
+    with _pool_config(idle_timeout=0.02, max_idle_workers=None) as pool:
+        pool.keep_reserve()
+        try:
+            assert pool.stats() == PoolStats(total=1, busy=0, idle=1, waiters=0)
+            release = threading.Event()
+
+            def hold() -> None:
+                assert release.wait(10)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(greenlet_spawn, hold)
+                await _until(lambda: pool.busy == 3, "three busy workers")
+                release.set()
+            # the burst's extra threads retire; one stays, for good
+            await _until(lambda: pool.total == 1, "the burst's workers to retire")
+            await anyio.sleep(0.2)  # ten idle timeouts
+            assert pool.stats() == PoolStats(total=1, busy=0, idle=1, waiters=0)
+            assert _alive_workers() == 1
+            # max_idle_workers=0 would end every released worker but this one
+            pool.configure(max_workers=None, idle_timeout=0.02, max_idle_workers=0)
+            assert await greenlet_spawn(lambda: 5) == 5
+            assert pool.stats() == PoolStats(total=1, busy=0, idle=1, waiters=0)
+        finally:
+            pool.shutdown()
+        assert not pool.reserve
+        await _until(lambda: _alive_workers() == 0, "the reserve to end at shutdown")

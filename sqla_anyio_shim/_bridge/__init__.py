@@ -63,4 +63,4 @@ from ._entry import (
 )
 from ._host import Gate as Gate, set_await_hook as set_await_hook, set_gate as set_gate
 from ._stats import call_stats as call_stats, reset_longest_hold as reset_longest_hold
-from ._workers import pool as pool
+from ._workers import NO_THREADS_AT_EXIT as NO_THREADS_AT_EXIT, pool as pool

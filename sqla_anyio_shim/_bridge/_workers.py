@@ -43,6 +43,11 @@ does may break it for the next:
 * After ``os.fork()`` the child starts from an empty pool: the parent's
   threads do not exist there, and the parent's lock may have been held by
   one of them at the moment of the fork.
+* On CPython 3.12 no thread can be started once the interpreter has begun
+  to shut down -- in ``atexit`` handlers, where greenlet runs a query as
+  anywhere else (3.10, 3.11 and 3.13+ allow it).  There the pool keeps one
+  worker in reserve from ``install()`` on (``keep_reserve``): the last idle
+  worker does not retire, and a forked child starts its own.
 
 Thread safety (also without the GIL, on free-threaded CPython)
 --------------------------------------------------------------
@@ -66,6 +71,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections import deque
@@ -83,6 +89,10 @@ THREAD_NAME = "sqla-anyio-shim-worker"
 
 #: the job that ends a worker thread (pool shutdown, retirement)
 STOP = object()
+
+#: CPython 3.12 refuses ``Thread.start()`` from the moment finalization
+#: begins, atexit handlers included (3.13 lets them start threads again)
+NO_THREADS_AT_EXIT = sys.version_info[:2] == (3, 12)
 
 #: a wake-up for a call waiting for a free worker.  It returns False (or
 #: raises) when the waiting call can never run again -- its event loop is
@@ -131,9 +141,9 @@ class _Worker:
         begun running.
 
         The job stays in ``_job`` until the worker is released (see
-        _release_locked), so ``None``
-        there means either that the assignment never happened or that the
-        job is over; ``started`` tells the two apart.  The wake-up is given
+        _release_locked), so ``None`` there means either that the assignment
+        never happened or that the job is over; ``started`` tells the two
+        apart.  The wake-up is given
         again in every case: a worker woken with no job waits again."""
         if self._job is None and not started:
             self._job = job
@@ -145,8 +155,11 @@ class _Worker:
         try:
             while True:
                 if not wake.wait(pool.idle_timeout):
-                    if pool._retire(self):
+                    verdict = pool._retire(self)
+                    if verdict is _RETIRED:
                         return
+                    if verdict is _KEPT:
+                        continue
                     # somebody took us off the idle stack at the same moment
                     # and is about to hand us a job: wait for it
                     wake.wait()
@@ -205,6 +218,8 @@ class WorkerPool:
         self.max_workers: int | None = None
         self.idle_timeout = 10.0
         self.max_idle_workers: int | None = None
+        # keep one idle worker for good (see the module docstring)
+        self.reserve = False
         self.configure(
             max_workers=max_workers,
             idle_timeout=idle_timeout,
@@ -224,6 +239,21 @@ class WorkerPool:
             self.max_workers = max_workers
             self.idle_timeout = float(idle_timeout)
             self.max_idle_workers = max_idle_workers
+
+    def keep_reserve(self) -> None:
+        """From now on keep at least one worker thread, idle or busy, for
+        good (called by install() where threads cannot be started at exit,
+        :data:`NO_THREADS_AT_EXIT`; ended by shutdown()).  Starts it now if
+        there is none."""
+        with self._lock:
+            self.reserve = True
+            if self._all or self._starting or not self._can_start_locked():
+                return
+            self._starting += 1
+        worker = self._start_worker()
+        with self._lock:
+            self._idle.append(worker)
+            self._wake_next_locked()
 
     # -- introspection (used by tests, the walk-through and stats()) -------
 
@@ -326,12 +356,14 @@ class WorkerPool:
         if worker not in self._all:
             # its pool was reset at a fork (this is the child, and this is
             # the thread that forked): it is not a worker here
-            worker._job = STOP
-            worker._wake.set()
-        elif self.max_idle_workers is not None and len(self._idle) >= self.max_idle_workers:
+            worker.submit(STOP)
+        elif (
+            self.max_idle_workers is not None
+            and len(self._idle) >= self.max_idle_workers
+            and not (self.reserve and len(self._all) == 1)
+        ):
             self._all.discard(worker)
-            worker._job = STOP
-            worker._wake.set()
+            worker.submit(STOP)
         else:
             # the job is over (cleared here, not when the worker took it:
             # see resubmit); the next submit() can come only after this
@@ -360,7 +392,15 @@ class WorkerPool:
             else:
                 worker._wake.close()  # never started: nobody else has it
             running = self._unreserve()
-            if isinstance(err, RuntimeError) and "shutdown" not in str(err):
+            if isinstance(err, RuntimeError) and "shutdown" in str(err):
+                raise RuntimeError(
+                    f"sqla-anyio-shim could not start a worker thread ({err}): "
+                    f"this Python starts no thread once the interpreter is shutting "
+                    f"down (atexit handlers), and the {running} worker thread(s) "
+                    f"kept for this are all busy.  Run the calls made at exit one "
+                    f"after the other, or make them before the program ends."
+                ) from err
+            if isinstance(err, RuntimeError):
                 raise RuntimeError(
                     f"sqla-anyio-shim could not start a worker thread ({err}) with "
                     f"{running} worker threads running: the process has reached its "
@@ -401,12 +441,16 @@ class WorkerPool:
             # that call can never run again (its event loop is closed): the
             # wake-up goes to the next waiter, or it would be lost
 
-    def _retire(self, worker: _Worker) -> bool:
+    def _retire(self, worker: _Worker) -> object:
+        """An idle worker's wait timed out: retire it (``_RETIRED``), keep
+        it as the reserve (``_KEPT``), or ``_TAKEN``: somebody took it off
+        the idle stack at the same moment and is handing it a job."""
         with self._lock:
-            try:
-                self._idle.remove(worker)
-            except ValueError:
-                return False
+            if worker not in self._idle:
+                return _TAKEN
+            if self.reserve and len(self._all) == 1:
+                return _KEPT
+            self._idle.remove(worker)
             self._all.discard(worker)
             total = len(self._all)
         # the burst is over: idle channels beyond the threads left only hold
@@ -418,7 +462,7 @@ class WorkerPool:
             self.idle_timeout,
             total,
         )
-        return True
+        return _RETIRED
 
     def _forget(self, worker: _Worker) -> None:
         with self._lock:
@@ -436,11 +480,18 @@ class WorkerPool:
         self._all = set()
         self._starting = 0
         self._waiters = deque()
+        if self.reserve:
+            try:
+                self.reserve = False
+                self.keep_reserve()
+            except Exception:
+                _log.error("could not start the reserve worker after fork", exc_info=True)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the idle workers and wait for them (busy ones finish their
         call and retire later)."""
         with self._lock:
+            self.reserve = False
             idle, self._idle = self._idle, []
             for worker in idle:
                 self._all.discard(worker)
@@ -449,6 +500,9 @@ class WorkerPool:
         for worker in idle:
             worker.thread.join(timeout)
 
+
+#: what WorkerPool._retire decided
+_RETIRED, _KEPT, _TAKEN = object(), object(), object()
 
 _pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
