@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, cast, final
 
-from . import _channel, _interrupts, _workers
+from . import _channel, _interrupts, _tracing, _workers
 from ._blocking import Blocking
 from ._context import apply_context
 from ._loop_proxy import _LoopProxy
@@ -171,6 +171,7 @@ class _Call:
         "sync_io",
         "task",
         "thread_id",
+        "tracing",
         "user_running",
         "worker",
         "worker_tokens",
@@ -221,6 +222,8 @@ class _Call:
         self.args = args
         self.kwargs = kwargs
         self.context = _copy_context()
+        # the host thread's trace / profile functions, for the worker
+        self.tracing = _tracing.capture()
         # worker -> host: an awaitable, or DONE
         self.outbox: Any = None
         # host -> worker: (the awaitable's outcome, the host's context if
@@ -259,6 +262,8 @@ class _Call:
             # thread; every call that is not thread-safe hops to the loop
             # thread (see _LoopProxy)
             _set_running_loop(cast(Any, _LoopProxy(loop, self.loop_thread, current_call)))
+        tracing = self.tracing
+        traced = _tracing.follow(tracing) if tracing is not None else None
         try:
             if self.domain is not None:
                 self.enter_domain()
@@ -270,6 +275,8 @@ class _Call:
         except BaseException as err:
             self.outcome = Error(err)
         finally:
+            if traced is not None:
+                _tracing.unfollow(traced)
             self.leave_domain()
             _local.call = None
             if loop is not None:
