@@ -21,6 +21,9 @@ reason, in ``docs/conformance.md``:
    on ``sys.path`` before the shim imports SQLAlchemy, as the tree's own
    ``conftest.py`` would do a moment later.
 
+The shim is installed with the options of ``SQLA_ANYIO_SHIM_OPTIONS`` if it
+is set (the launcher's syntax, e.g. ``--parallel on``), else the defaults.
+
 On a free-threaded build it also proves the GIL stayed off for the whole run
 (:class:`GilGuard`): an import that re-enables it fails the run, naming the
 module.
@@ -190,7 +193,26 @@ def pytest_load_initial_conftests(early_config: Any, parser: Any, args: Any) -> 
         sys.path.insert(0, lib)
     import sqla_anyio_shim
 
-    sqla_anyio_shim.install()
+    sqla_anyio_shim.install(**_options_from_environment())
+
+
+def _options_from_environment() -> dict[str, Any]:
+    """``SQLA_ANYIO_SHIM_OPTIONS`` (the launcher's option syntax, as the
+    start-up hook reads it): how the conformance runner runs the suite in
+    another mode (``--parallel on``).  A bad value fails the run."""
+    import shlex
+
+    from ._cli._autoinstall import ENV_OPTIONS
+    from ._options import OptionError, parse_options
+
+    text = os.environ.get(ENV_OPTIONS, "")
+    try:
+        kwargs, rest = parse_options(shlex.split(text))
+    except (OptionError, ValueError) as exc:
+        raise pytest.UsageError(f"{ENV_OPTIONS}={text!r}: {exc}") from None
+    if rest:
+        raise pytest.UsageError(f"{ENV_OPTIONS}={text!r}: unexpected {rest[0]!r}")
+    return kwargs
 
 
 @contextlib.contextmanager

@@ -510,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per suite run")
     parser.add_argument("--shim-only", action="store_true", help="skip the greenlet run")
     parser.add_argument("--repeat", type=int, default=1, help="run the shim suite N times")
+    parser.add_argument(
+        "--parallel",
+        choices=["off", "auto", "on"],
+        help="run the shim suite with install(parallel=...) (default: install()'s)",
+    )
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args(argv)
 
@@ -531,8 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     tree = fetch_sdist(version, cache)
     shim_env, _ = make_env("shim", version, driver, cache, _project_dir())
     rows: list[RunResult] = []
+    mode = ""
+    if args.parallel is not None:
+        # read by the plugin's install() (sqla_anyio_shim.pytest_plugin)
+        os.environ["SQLA_ANYIO_SHIM_OPTIONS"] = f"--parallel {args.parallel}"
+        mode = f", parallel {args.parallel}"
     for i in range(args.repeat):
-        label = "shim (no greenlet)" + (f" #{i + 1}" if args.repeat > 1 else "")
+        label = f"shim (no greenlet{mode})" + (f" #{i + 1}" if args.repeat > 1 else "")
         rows.append(
             run_suite(label, shim_env, tree, version, db_args, True, args.timeout, args.pytest_args)
         )
