@@ -130,16 +130,31 @@ asyncio.run(main())
 """
 
 
+# pdb with its sys.settrace() backend: ``python -m pdb`` up to 3.13.  (3.14's
+# ``python -m pdb`` uses its sys.monitoring backend, which ignores every
+# thread but the one that started it -- worker threads of any kind; see the
+# README's limitations.)
+_PDB_RUN = """
+import pdb, sys
+app = sys.argv[1]
+kw = {"backend": "settrace"} if sys.version_info >= (3, 14) else {}
+with open(app) as f:
+    code = compile(f.read(), app, "exec")
+pdb.Pdb(**kw).run(code, {"__name__": "__main__", "__file__": app})
+"""
+
+
 def test_pdb_breakpoint_in_an_event_listener(tmp_path: Any) -> None:
-    """``python -m pdb app.py``, ``b app.py:<line in the listener>``: pdb
-    stops in the listener (SQLAlchemy's sync code, run by a worker)."""
+    """pdb (its settrace backend, ``python -m pdb`` before 3.14),
+    ``b app.py:<line in the listener>``: pdb stops in the listener
+    (SQLAlchemy's sync code, run by a worker)."""
     app = tmp_path / "app.py"
     app.write_text(textwrap.dedent(_PDB_APP))
     line = 1 + _PDB_APP.splitlines().index("    return None")
     commands = f"b {app}:{line}\nc\np marker\nc\n"
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "pdb", str(app)],
+            [sys.executable, "-c", _PDB_RUN, str(app)],
             input=commands,
             capture_output=True,
             text=True,
