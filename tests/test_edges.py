@@ -887,6 +887,60 @@ def test_withdrawn_interrupt_is_never_raised() -> None:
     assert seen == ["ran on"]
 
 
+_WITHDRAWN_THEN_PROFILED = """
+import asyncio, sys, threading
+import sqla_anyio_shim
+sqla_anyio_shim.install()
+from sqlalchemy.util import concurrency
+from sqla_anyio_shim._bridge import _interrupts
+
+release = threading.Event()
+thread = threading.Thread(target=release.wait, args=(10,), daemon=True)
+thread.start()
+_interrupts.raise_in_thread(thread.ident, KeyboardInterrupt)
+_interrupts.withdraw(thread.ident)
+release.set()
+thread.join(10)
+
+def leaf():
+    return 1
+
+async def main():
+    return await concurrency.greenlet_spawn(leaf)
+
+calls = []
+sys.setprofile(lambda frame, event, arg: calls.append(event))
+assert leaf() == 1
+assert asyncio.run(main()) == 1
+sys.setprofile(None)
+sys.settrace(lambda frame, event, arg: None)
+assert leaf() == 1
+sys.settrace(None)
+print("done", len(calls) > 0)
+"""
+
+
+def test_withdrawn_interrupt_leaves_profiled_calls_working() -> None:
+    """Before 3.13 a withdrawn async exception left the interpreter's
+    pending flag set for good; on 3.11 the next call made under
+    sys.setprofile() / sys.settrace() then spun forever (CI hung in
+    test_tracing after this file's interrupt tests).  In a fresh
+    interpreter, under a hard timeout: the hang fails the test."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _WITHDRAWN_THEN_PROFILED],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"a profiled call hung after a withdrawn interrupt: {err}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["done", "True"]
+
+
 # -- introspection (issue 11): stats() and the slow-call warning -------------
 
 

@@ -92,6 +92,40 @@ def withdraw(thread_id: int) -> None:
         return
     if _set_async_exc is not None:
         _set_async_exc(_c_thread_id(thread_id), None)
+        if _SHARED_ASYNC_EXC_FLAG:
+            _clear_async_exc_flag()
+
+
+class _ClearFlag(BaseException):
+    """Raised in the withdrawing thread only, and caught right there."""
+
+
+# Before 3.13 the "an async exception is pending" flag of the eval breaker
+# is the interpreter's, not the thread's, and only a thread that finds an
+# exception of its own clears it.  A withdrawn exception is found by no one,
+# so the flag stays set for good: on 3.10 and 3.12 every thread then runs
+# the eval breaker's slow path at each backward jump and call (pure-Python
+# loops ~20% slower), and on 3.11 a call made under sys.setprofile() or
+# sys.settrace() re-runs its RESUME forever -- the process hangs at the next
+# profiled or traced function call (this hung CI in tests/test_tracing.py
+# after test_edges' withdrawn interrupts).  Raising one exception of our own
+# in this thread, and catching it, clears the flag.  (Like CPython's own
+# handling, that also clears it for another thread's pending exception,
+# which then lands at the next signal rather than at once: the interrupts
+# are best effort, and a second one is delivered at the next await_().)
+_SHARED_ASYNC_EXC_FLAG = sys.version_info < (3, 13)
+
+
+def _clear_async_exc_flag() -> None:
+    try:
+        _set_async_exc(_c_thread_id(threading.get_ident()), _py_object(_ClearFlag))
+        # raised at the eval-breaker check of the loop's first backward jump
+        for _ in range(1_000_000):
+            pass
+    except _ClearFlag:
+        return
+    # never reached on CPython; should it be, do not leave it to fire later
+    _set_async_exc(_c_thread_id(threading.get_ident()), None)  # pragma: no cover
 
 
 def _on_line(code: Any, line: int) -> Any:
