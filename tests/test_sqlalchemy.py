@@ -322,6 +322,15 @@ async def test_queue_wait_outside_bridge_is_refused(anyio_backend: Any) -> None:
         q.get(timeout=0.01)
 
 
+def _getter_waits(waiting: threading.Event, q: Any) -> bool:
+    """The worker's getter is parked in the queue.  The queue's state is made
+    by the first get(), in the worker, after ``waiting`` is set: while the
+    host does not block (a worker slower than the hand-off's blocking wait,
+    or the parallel mode) the host can look in between."""
+    state = getattr(q, "_sqla_anyio_shim_state", None)
+    return waiting.is_set() and state is not None and bool(state.getters)
+
+
 async def test_queue_cancelled_waiter_passes_item_on(anyio_backend: Any) -> None:
     """An item put while a waiting getter is being cancelled is never lost:
     it stays in the queue if the getter ends cancelled, or the getter
@@ -340,7 +349,7 @@ async def test_queue_cancelled_waiter_passes_item_on(anyio_backend: Any) -> None
             import asyncio
 
             task = asyncio.ensure_future(greenlet_spawn(getter))
-            while not (waiting.is_set() and q._sqla_anyio_shim_state.getters):
+            while not (_getter_waits(waiting, q)):
                 await anyio.sleep(0.001)
             q.put_nowait("item")
             task.cancel()
@@ -350,7 +359,7 @@ async def test_queue_cancelled_waiter_passes_item_on(anyio_backend: Any) -> None
         else:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(greenlet_spawn, getter)
-                while not (waiting.is_set() and q._sqla_anyio_shim_state.getters):
+                while not (_getter_waits(waiting, q)):
                     await anyio.sleep(0.001)
                 q.put_nowait("item")
                 tg.cancel_scope.cancel()
