@@ -200,10 +200,8 @@ def stats(*, reset: bool = False) -> Stats:
     the longest time a call held an event loop.  ``reset=True`` starts the
     longest-hold measurement afresh after reading it."""
     pool = _bridge.pool.stats()
-    calls = _bridge.call_stats()
+    calls = _bridge.call_stats(reset=reset)
     gate = _admission.gate_stats()
-    if reset:
-        _bridge.reset_longest_hold()
     return Stats(
         workers_total=pool.total,
         workers_busy=pool.busy,

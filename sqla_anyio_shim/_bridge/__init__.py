@@ -62,5 +62,5 @@ from ._entry import (
     set_missing_greenlet_message as set_missing_greenlet_message,
 )
 from ._host import Gate as Gate, set_await_hook as set_await_hook, set_gate as set_gate
-from ._stats import call_stats as call_stats, reset_longest_hold as reset_longest_hold
+from ._stats import call_stats as call_stats
 from ._workers import NO_THREADS_AT_EXIT as NO_THREADS_AT_EXIT, pool as pool

@@ -456,9 +456,15 @@ class _Call:
 
     # -- host side ---------------------------------------------------------
 
-    def send(self, outcome: Outcome[Any]) -> None:
-        snapshot = _copy_context()
-        self.inbox = (outcome, None if snapshot == self.context else snapshot)
+    def send(self, outcome: Outcome[Any], mirror: bool = True) -> None:
+        """Reply to the worker; with ``mirror``, the host's context goes
+        with it if it differs from the call's.  ``mirror=False`` when the
+        worker may be running in ``self.context`` right now (not waiting
+        for a reply): comparing a context another thread is changing is
+        not safe on a free-threaded build."""
+        snapshot = _copy_context() if mirror else None
+        changed = mirror and snapshot != self.context
+        self.inbox = (outcome, snapshot if changed else None)
         self.channel.signal_worker()
 
     def take(self) -> Any:

@@ -264,7 +264,7 @@ def _start(call: _Call, worker: Any) -> None:
         # the interrupt first: a worker that had not begun then finds it as
         # it enters the sync code (_Call.enter_user), and does not start it
         _interrupted(call, exc)
-        worker.resubmit(call.run, call.thread_id != 0)
+        worker.resubmit(call.run, lambda: call.thread_id != 0)
 
 
 def place(call: _Call, slot: Slot | None) -> None:
@@ -466,4 +466,8 @@ def _abandon(call: _Call) -> None:
             call.finished = True
             return
         safe_close(message)
-    call.send(Error(HostGone(HOST_GONE_MESSAGE)))
+        call.send(Error(HostGone(HOST_GONE_MESSAGE)))
+        return
+    # no message: the worker still runs its sync code, in the call's
+    # context -- no context to mirror to it, and none to compare with
+    call.send(Error(HostGone(HOST_GONE_MESSAGE)), mirror=False)

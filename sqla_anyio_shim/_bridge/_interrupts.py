@@ -117,15 +117,28 @@ _SHARED_ASYNC_EXC_FLAG = sys.version_info < (3, 13)
 
 
 def _clear_async_exc_flag() -> None:
+    # a trace or profile function the worker follows (_tracing) is set
+    # aside meanwhile: raised inside it, the exception would make CPython
+    # drop it for the rest of the call
+    trace, profile = sys.gettrace(), sys.getprofile()
+    if trace is not None:
+        sys.settrace(None)
+    if profile is not None:
+        sys.setprofile(None)
     try:
         _set_async_exc(_c_thread_id(threading.get_ident()), _py_object(_ClearFlag))
         # raised at the eval-breaker check of the loop's first backward jump
         for _ in range(1_000_000):
             pass
     except _ClearFlag:
-        return
-    # never reached on CPython; should it be, do not leave it to fire later
-    _set_async_exc(_c_thread_id(threading.get_ident()), None)  # pragma: no cover
+        pass
+    else:  # pragma: no cover -- never on CPython; do not leave it to fire later
+        _set_async_exc(_c_thread_id(threading.get_ident()), None)
+    finally:
+        if trace is not None:
+            sys.settrace(trace)
+        if profile is not None:
+            sys.setprofile(profile)
 
 
 def _on_line(code: Any, line: int) -> Any:

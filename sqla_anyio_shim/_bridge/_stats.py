@@ -47,13 +47,13 @@ def warn_slow_hold(fn_name: str | None, hold: float, threshold: float, unbounded
     )
 
 
-def call_stats() -> dict[str, float]:
-    """The bridge's side of sqla_anyio_shim.stats()."""
-    with _lock:
-        return {"calls_in_flight": _in_flight, "longest_loop_hold": _longest_hold}
-
-
-def reset_longest_hold() -> None:
+def call_stats(reset: bool = False) -> dict[str, float]:
+    """The bridge's side of sqla_anyio_shim.stats(); ``reset`` starts the
+    longest-hold measurement afresh in the same locked read (a hold noted
+    between a read and a separate reset would be lost)."""
     global _longest_hold
     with _lock:
-        _longest_hold = 0.0
+        stats = {"calls_in_flight": _in_flight, "longest_loop_hold": _longest_hold}
+        if reset:
+            _longest_hold = 0.0
+        return stats

@@ -134,18 +134,21 @@ class _Worker:
         self._job = job
         self._wake.set()
 
-    def resubmit(self, job: Callable[[], None], started: bool) -> None:
+    def resubmit(self, job: Callable[[], None], started: Callable[[], bool]) -> None:
         """``submit(job)`` was cut short at a point unknown -- a signal
         handler (Ctrl-C) raised inside it, on the loop thread: make sure the
-        worker gets ``job``, and only once.  ``started``: whether the job has
-        begun running.
+        worker gets ``job``, and only once.  ``started()``: whether the job
+        has begun running (it stays true once it has).
 
         The job stays in ``_job`` until the worker is released (see
         _release_locked), so ``None`` there means either that the assignment
-        never happened or that the job is over; ``started`` tells the two
-        apart.  The wake-up is given
+        never happened or that the job is over; ``started()`` tells the two
+        apart -- asked *after* ``_job`` is read: a job that was over by then
+        had begun before, while asked first, a job that begins and ends
+        between the two reads would be run twice.  The wake-up is given
         again in every case: a worker woken with no job waits again."""
-        if self._job is None and not started:
+        current = self._job
+        if current is None and not started():
             self._job = job
         self._wake.set()
 

@@ -201,8 +201,18 @@ def configure(new_limit: int | None) -> None:
     global limit
     with _lock:
         limit = new_limit
-        for gate in list(_gates):
+        for gate in _snapshot(_gates):
             gate._hand_over()
+
+
+def _snapshot(gates: Any) -> list[Any]:
+    """list() of a WeakSet that a collection on another thread may shrink
+    mid-copy ("Set changed size during iteration"): copy again."""
+    while True:
+        try:
+            return list(gates)
+        except RuntimeError:
+            continue
 
 
 def _classify(fn: Any, args: tuple[Any, ...]) -> Any:

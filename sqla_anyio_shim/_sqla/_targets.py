@@ -42,6 +42,11 @@ _SYNC_DRIVER_MARK = "_sqla_anyio_shim_sync_driver"
 
 # engines the application marked (keep_atomic): weak, by their sync Engine
 _marked: weakref.WeakSet[Any] = weakref.WeakSet()
+# bumped by every keep_atomic(): facts made before it are stale (engines of
+# execution_options() share their base's mark but cache facts of their own;
+# and a call may be computing facts while the mark is added)
+_marks_generation = 0
+_marks_lock = threading.Lock()
 
 
 class EngineFacts:
@@ -53,11 +58,14 @@ class EngineFacts:
     driver run in the workers (``_sync_drivers``); ``pool``: the pool these
     facts are about (an engine's ``dispose()`` makes a new one)."""
 
-    __slots__ = ("__weakref__", "domain", "pool", "slots", "sync_driver")
+    __slots__ = ("__weakref__", "domain", "generation", "pool", "slots", "sync_driver")
 
-    def __init__(self, pool: Any, domain: threading.Lock | None, sync_driver: bool) -> None:
+    def __init__(
+        self, pool: Any, domain: threading.Lock | None, sync_driver: bool, generation: int = 0
+    ) -> None:
         self.pool = pool
         self.domain = domain
+        self.generation = generation
         self.sync_driver = sync_driver
         # the admission slots of this engine's calls (made by _admission)
         self.slots: Any = None
@@ -109,10 +117,8 @@ def _target_of_object(obj: Any) -> tuple[str, EngineFacts | None] | None:
     if kind == "result":
         # an async result being fetched, or a sync result being closed for
         # one: it holds its cursor's connection
-        real = getattr(obj, "_real_result", obj)
-        context = getattr(real, "context", None)
-        connection = getattr(context, "root_connection", None)
-        if connection is not None and _kind_of(type(connection)) == "connection":
+        connection = _connection_of_result(obj)
+        if connection is not None:
             return HOLDER, _facts_of_connection(connection)
         return HOLDER, None
     if kind == "other":
@@ -122,6 +128,26 @@ def _target_of_object(obj: Any) -> tuple[str, EngineFacts | None] | None:
         session = getattr(state, "session", None) if state is not None else None
         if session is not None:
             return _of_session(session)
+    return None
+
+
+def _connection_of_result(result: Any) -> Any:
+    """The Connection whose cursor ``result`` reads, or None.
+
+    An async result wraps a sync one (``_real_result``; a sync result has the
+    attribute too, as None); a CursorResult's execution context has the
+    connection; an ORM result (``ChunkedIteratorResult``: its ``context`` is
+    the ORM's QueryContext in 2.1, absent in 2.0) keeps the CursorResult it
+    reads from as ``raw``.  Missing one of these would run the call without
+    its engine's domain lock (StaticPool, keep_atomic)."""
+    for _ in range(4):  # AsyncResult -> ORM result -> CursorResult
+        context = getattr(result, "context", None)
+        connection = getattr(context, "root_connection", None)
+        if connection is not None and _kind_of(type(connection)) == "connection":
+            return connection
+        result = getattr(result, "_real_result", None) or getattr(result, "raw", None)
+        if result is None:
+            return None
     return None
 
 
@@ -151,11 +177,32 @@ def _of_session(session: Any) -> tuple[str, EngineFacts | None] | None:
             facts = _facts_of_connection(bind)
             joined = getattr(bind, "_dbapi_connection", None) is not None
     transaction = getattr(session, "_transaction", None)
-    if joined or (transaction is not None and getattr(transaction, "_connections", None)):
+    connections = getattr(transaction, "_connections", None) if transaction is not None else None
+    if joined or connections:
+        if facts is None and connections:
+            # several binds: the engines it has connections on (an atomic
+            # one among them decides: its domain lock must be held)
+            facts = _facts_of_connections(connections)
         return HOLDER, facts
     if facts is None:
         return None  # several binds, or get_bind(): cannot tell which pool
     return USER, facts
+
+
+def _facts_of_connections(connections: Any) -> EngineFacts | None:
+    """Facts of a SessionTransaction's connections (values: (Connection,
+    Transaction, ...)): the first atomic engine's, else the first engine's."""
+    first = None
+    for entry in list(connections.values()):
+        connection = entry[0] if isinstance(entry, tuple) and entry else None
+        facts = _facts_of_connection(connection) if connection is not None else None
+        if facts is None:
+            continue
+        if facts.domain is not None:
+            return facts
+        if first is None:
+            first = facts
+    return first
 
 
 def facts_of(engine: Any) -> EngineFacts:
@@ -163,7 +210,8 @@ def facts_of(engine: Any) -> EngineFacts:
     replaced (``dispose()``)."""
     pool = engine.pool  # a property on the engines of execution_options()
     facts = engine.__dict__.get("_sqla_anyio_shim_facts")
-    if facts is not None and facts.pool is pool:
+    generation = _marks_generation  # read before the marks: see keep_atomic
+    if facts is not None and facts.pool is pool and facts.generation == generation:
         return facts  # type: ignore[no-any-return]
     atomic = _shares_connections(pool) or _is_marked(engine)
     facts = EngineFacts(
@@ -172,6 +220,7 @@ def facts_of(engine: Any) -> EngineFacts:
         # makes new ones on the same pool) asks; dict.setdefault is atomic
         pool.__dict__.setdefault("_sqla_anyio_shim_domain", threading.Lock()) if atomic else None,
         bool(getattr(engine.dialect, _SYNC_DRIVER_MARK, False)),
+        generation,
     )
     # two threads racing here make equal facts; either may stay
     engine.__dict__["_sqla_anyio_shim_facts"] = facts
@@ -198,11 +247,14 @@ def keep_atomic(engine: Any) -> None:
         raise TypeError(
             f"keep_atomic() takes an AsyncEngine or an Engine, got {type(engine).__name__}"
         )
+    global _marks_generation
     _marked.add(sync_engine)
-    # the next call on it recomputes its facts (engines made from it by
-    # execution_options() are told apart by their own cached pool check:
-    # they recompute when their facts are stale, see facts_of)
-    sync_engine.__dict__.pop("_sqla_anyio_shim_facts", None)
+    # every engine's next call recomputes its facts: this one's, those made
+    # from it by execution_options() (they cache their own), and a call that
+    # read the generation before the mark was added (it stores facts of the
+    # old generation, which the call after it recomputes)
+    with _marks_lock:
+        _marks_generation += 1
 
 
 _kinds: dict[type, str] = {}
