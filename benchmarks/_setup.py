@@ -155,11 +155,14 @@ def use_implementation(kind: str) -> None:
     import sqla_anyio_shim
     from sqla_anyio_shim import _bridge
 
+    # BENCH_SHIM_PARALLEL=on: install(parallel=True) (issue 17's cells; the
+    # variant sets it in its child's environment)
+    parallel = os.environ.get("BENCH_SHIM_PARALLEL") == "on"
     if kind == "shim":
-        sqla_anyio_shim.install()
+        sqla_anyio_shim.install(parallel=parallel)
     elif kind == "shim-sync":
         try:
-            sqla_anyio_shim.install(sync_drivers=True)
+            sqla_anyio_shim.install(sync_drivers=True, parallel=parallel)
         except (TypeError, AttributeError, NotImplementedError) as err:
             raise Unavailable(f"install(sync_drivers=True): {err!r}") from err
     else:
@@ -168,7 +171,7 @@ def use_implementation(kind: str) -> None:
     shimmed = concurrency.greenlet_spawn is _bridge.greenlet_spawn
     want = kind in ("shim", "shim-sync")
     assert shimmed == want, (kind, concurrency.greenlet_spawn)
-    if not want:
+    if kind == "greenlet":
         import greenlet  # noqa: F401  (the greenlet variant needs it)
 
 

@@ -1,11 +1,15 @@
-"""The ``cpu`` cells (issue 10): CPU-heavy ORM reads.
+"""The ``cpu`` cells (issue 10, issue 17): CPU-heavy ORM reads.
 
 400 rows materialised per operation at 1 and 8 tasks: greenlet+aiosqlite,
 shim+aiosqlite, shim-sync+pysqlite and shim+aiosqlite under
-``PYTHON_GIL=1``.  Meant for a free-threaded interpreter (``--cpu-python``
-or ``BENCH_CPU_PYTHON``); a subprocess per measurement (``python -m
-benchmarks.cells_cpu``, from the checkout's root), because ``PYTHON_GIL`` is
-read at start-up, so every variant gets the same treatment.
+``PYTHON_GIL=1``; the shim's two in the parallel mode (``install(parallel=
+True)``); and plain sync SQLAlchemy, a ``Session`` per operation on N
+threads -- what the machine's cores give this workload with no event loop
+at all, the limit the parallel mode is measured against.  Meant for a
+free-threaded interpreter (``--cpu-python`` or ``BENCH_CPU_PYTHON``); a
+subprocess per measurement (``python -m benchmarks.cells_cpu``, from the
+checkout's root), because ``PYTHON_GIL`` is read at start-up, so every
+variant gets the same treatment.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ CPU_VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
     "shim+aiosqlite": ("shim", "sqlite+aiosqlite", {}),
     "shim-sync+pysqlite": ("shim-sync", "sqlite+pysqlite", {}),
     "shim+aiosqlite PYTHON_GIL=1": ("shim", "sqlite+aiosqlite", {"PYTHON_GIL": "1"}),
+    "shim+aiosqlite parallel": ("shim", "sqlite+aiosqlite", {"BENCH_SHIM_PARALLEL": "on"}),
+    "shim-sync+pysqlite parallel": ("shim-sync", "sqlite+pysqlite", {"BENCH_SHIM_PARALLEL": "on"}),
+    "sync threads+pysqlite": ("plain", "sqlite+pysqlite", {}),
 }
 CPU_BASELINE = "greenlet+aiosqlite"
 
@@ -161,6 +168,8 @@ def child_cpu(cargs: Any) -> dict[str, Any]:
         return {"unavailable": str(err)}
     v = Variant(cargs.variant, kind, driver, CPU_BASELINE)
     tasks, ops, rows = cargs.tasks, cargs.ops, cargs.rows
+    if kind == "plain":
+        return _child_cpu_threads(cargs, tasks, ops, rows)
     engine = async_engine(
         driver, "sqlite", cargs, pool_size=tasks, max_overflow=0, pool_timeout=600
     )
@@ -214,6 +223,79 @@ def child_cpu(cargs: Any) -> dict[str, Any]:
         )
 
     return asyncio.run(go())
+
+
+def _child_cpu_threads(cargs: Any, tasks: int, ops: int, rows: int) -> dict[str, Any]:
+    """The same operations in plain sync SQLAlchemy: N threads, a Session
+    per operation, pool_size N (no event loop, no bridge)."""
+    import threading
+
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import sessionmaker
+
+    from ._setup import url_for
+
+    engine = create_engine(
+        url_for("sqlite", "sqlite+pysqlite", cargs),
+        pool_size=tasks,
+        max_overflow=0,
+        pool_timeout=600,
+        connect_args={"timeout": 60, "check_same_thread": False},
+    )
+    Item = schema()[1]
+    Session = sessionmaker(engine, expire_on_commit=False)
+    n_items = count_items(cargs)
+    if n_items < rows:
+        raise RuntimeError(f"bench_items has {n_items} rows, the cpu cell needs {rows}")
+    errors: list[BaseException] = []
+
+    def worker(n: int, lat: list[float] | None, seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(n):
+                start = rng.randint(1, n_items - rows + 1)
+                t = perf_counter()
+                with Session() as s:
+                    objs = (
+                        s.execute(
+                            select(Item).where(Item.id >= start).order_by(Item.id).limit(rows)
+                        )
+                        .scalars()
+                        .all()
+                    )
+                if lat is not None:
+                    lat.append(perf_counter() - t)
+                assert len(objs) == rows, len(objs)
+        except BaseException as err:  # reported, never lost
+            errors.append(err)
+
+    def run(n: int, lat: list[float] | None) -> None:
+        threads = [threading.Thread(target=worker, args=(n, lat, 11 + i)) for i in range(tasks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    try:
+        run(2, None)
+        gc.collect()
+        lat: list[float] = []  # list.append is atomic, on free-threaded builds too
+        u0 = Usage.now()
+        run(ops, lat)
+        u = Usage.now().since(u0)
+    finally:
+        engine.dispose()
+    n = tasks * ops
+    return dict(
+        u,
+        ops=n,
+        ops_per_s=n / u["wall"],
+        p50_us=pct(lat, 0.5) * 1e6,
+        p99_us=pct(lat, 0.99) * 1e6,
+        interpreter=interpreter_info(),
+    )
 
 
 if __name__ == "__main__":
