@@ -148,6 +148,7 @@ class _Call:
         "domain",
         "domain_held",
         "finished",
+        "first_handoff",
         "fn",
         "fn_name",
         "gate_slot",
@@ -193,8 +194,10 @@ class _Call:
         # the admission slot it holds until it is past the pool (see
         # _host.Gate); None: none
         self.gate_slot: Any = None
-        # how long the host blocks for a message (_host.place)
+        # how long the host blocks for a message, and for the first one
+        # (_host.place)
         self.handoff = 0.0
+        self.first_handoff = 0.0
         # the engine's lock held by the sync code between its await points
         # (_host.place); held now
         self.domain: Any = None

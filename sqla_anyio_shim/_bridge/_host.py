@@ -288,12 +288,33 @@ def place(call: _Call, slot: Slot | None) -> None:
     domain = slot.domain if slot is not None else None
     if domain is not None:
         call.domain = domain
-        call.handoff = settings.handoff_wait
+        _atomic(call, settings.handoff_wait)
         return
+    sync_driver = slot is not None and slot.sync_driver
     parallel = settings.parallel
     if parallel is None:
-        parallel = not _gil_enabled() or (slot is not None and slot.sync_driver)
-    call.handoff = 0.0 if parallel else settings.handoff_wait
+        parallel = not _gil_enabled() or sync_driver
+    if not parallel:
+        _atomic(call, settings.handoff_wait)
+        return
+    call.handoff = 0.0
+    # The first stretch -- from the start to the first await_() -- is still
+    # waited for, up to FIRST_HANDOFF_BOUND: under greenlet it runs before
+    # the loop runs anything else, and code that starts a call and then
+    # acts "once it waits" relies on it (SQLAlchemy's #13749 queue tests
+    # let the waiter reach the queue in 3 loop iterations; on a GIL build
+    # the worker would not get the GIL that soon).  Not with a sync driver:
+    # its first stretch is a statement's network round trip, and blocking
+    # the loop on it is what serialized every task's round trips.
+    call.first_handoff = 0.0 if sync_driver else FIRST_HANDOFF_BOUND
+
+
+def _atomic(call: _Call, wait: float) -> None:
+    """Greenlet's atomicity, bounded: block ``wait`` for each message (-1:
+    no bound; 0, ``handoff_timeout=0``: never), and at least
+    FIRST_HANDOFF_BOUND for the first."""
+    call.handoff = wait
+    call.first_handoff = wait if wait <= 0 else max(wait, FIRST_HANDOFF_BOUND)
 
 
 #: sys._is_gil_enabled (3.13+): a free-threaded build can switch its GIL
@@ -314,10 +335,7 @@ def _wait_bound(call: _Call, first: bool) -> float:
     connection), and with the GIL, async drivers lose throughput when the
     host does not block (hop microbenchmark, 100 tasks: 0.54x greenlet
     against 0.75x blocking)."""
-    timeout = call.handoff
-    if first and timeout > 0:
-        return max(timeout, FIRST_HANDOFF_BOUND)
-    return timeout
+    return call.first_handoff if first else call.handoff
 
 
 def _acquire_blocking(call: _Call, channel: Any, timeout: float) -> bool:
