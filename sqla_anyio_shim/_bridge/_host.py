@@ -283,7 +283,8 @@ def place(call: _Call, slot: Slot | None) -> None:
     * Otherwise ``install(parallel=...)`` decides; ``None`` (auto) is
       parallel on a free-threaded build whose GIL is off, and for engines
       of sync drivers (whose statements block the worker on the network:
-      blocking the loop on them serializes every task's round trips)."""
+      blocking the loop on them serializes every task's round trips) --
+      unless ``handoff_timeout=None`` asked for greenlet's full atomicity."""
     settings = _options.current
     domain = slot.domain if slot is not None else None
     if domain is not None:
@@ -293,7 +294,9 @@ def place(call: _Call, slot: Slot | None) -> None:
     sync_driver = slot is not None and slot.sync_driver
     parallel = settings.parallel
     if parallel is None:
-        parallel = not _gil_enabled() or sync_driver
+        # auto; an explicit handoff_timeout=None asks for greenlet's full
+        # atomicity, which auto does not override (parallel=True does)
+        parallel = (not _gil_enabled() or sync_driver) and settings.handoff_wait >= 0
     if not parallel:
         _atomic(call, settings.handoff_wait)
         return
