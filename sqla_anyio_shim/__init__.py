@@ -141,8 +141,10 @@ def keep_atomic(engine: Any) -> None:
     sync code on the engine in between -- for an application that shares
     one connection or session between tasks, which SQLAlchemy's threading
     rules do not allow.  Engines on ``StaticPool``, ``SingletonThreadPool``
-    and ``AssertionPool`` are kept so without it.  Mark the engine before
-    its first use."""
+    and ``AssertionPool`` are kept so without it.  It applies to the calls
+    started after it, on the engine and on the engines its
+    ``execution_options()`` made (calls in flight finish as they began):
+    mark the engine before its tasks share anything."""
     _targets.keep_atomic(engine)
 
 
