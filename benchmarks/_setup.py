@@ -155,9 +155,10 @@ def use_implementation(kind: str) -> None:
     import sqla_anyio_shim
     from sqla_anyio_shim import _bridge
 
-    # BENCH_SHIM_PARALLEL=on: install(parallel=True) (issue 17's cells; the
-    # variant sets it in its child's environment)
-    parallel = os.environ.get("BENCH_SHIM_PARALLEL") == "on"
+    # BENCH_SHIM_PARALLEL=on|off: install(parallel=True|False), unset:
+    # install()'s default (issue 17's cells set it in their child's
+    # environment; a whole run can be made with either)
+    parallel = {"on": True, "off": False}.get(os.environ.get("BENCH_SHIM_PARALLEL", ""))
     if kind == "shim":
         sqla_anyio_shim.install(parallel=parallel)
     elif kind == "shim-sync":
