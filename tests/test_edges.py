@@ -828,6 +828,112 @@ async def test_ctrl_c_inside_the_hand_over_reaches_the_sync_code(
     assert _workers.pool.total <= max(before, 1), (before, stats)
 
 
+_CTRL_C_IN_BOOKKEEPING = r"""
+import asyncio, os, signal, sys, threading
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at start-up
+import sqla_anyio_shim
+sqla_anyio_shim.install()
+from sqlalchemy.util import concurrency
+from sqla_anyio_shim._bridge import _call, _workers
+
+where, runner = sys.argv[1], sys.argv[2]
+package = os.path.dirname(sqla_anyio_shim.__file__)
+
+# Ctrl-C pressed while the host runs its own bookkeeping: the signal is
+# raised from a function whose code belongs to the package (compiled with a
+# file name inside it), so the handler runs with the bridge's frames on the
+# stack -- as it would for a press landing there by chance.
+namespace = {"signal": signal, "threading": threading, "armed": [True]}
+exec(compile(
+    "def once(fn):\n"
+    "    def pressing(*args, **kwargs):\n"
+    "        result = fn(*args, **kwargs)\n"
+    "        if armed[0] and threading.current_thread() is threading.main_thread():\n"
+    "            armed[0] = False\n"
+    "            signal.raise_signal(signal.SIGINT)\n"
+    "        return result\n"
+    "    return pressing\n",
+    os.path.join(package, "_bridge", "_host.py"), "exec"), namespace)
+once = namespace["once"]
+
+if where == "message taken, reply owed":
+    _call._Call.take = once(_call._Call.take)
+else:  # "worker taken, call not started"
+    _workers.WorkerPool.try_acquire = once(_workers.WorkerPool.try_acquire)
+
+seen = []
+
+async def one():
+    await asyncio.sleep(0)
+    return 1
+
+await_ = getattr(concurrency, "await_only", None) or concurrency.await_
+
+def sync():
+    seen.append("started")
+    try:
+        await_(one())
+        seen.append("ran on")
+    except KeyboardInterrupt:
+        seen.append("interrupted at await_()")
+        raise
+    finally:
+        seen.append("cleanup")
+
+async def main():
+    try:
+        await concurrency.greenlet_spawn(sync)
+    except KeyboardInterrupt:
+        seen.append("greenlet_spawn raised KeyboardInterrupt")
+    # the worker is back, and the next calls work
+    for value in range(3):
+        assert await concurrency.greenlet_spawn(lambda v=value: v) == value
+
+if runner == "asyncio":
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(main())
+    loop.close()
+else:
+    import trio
+    trio.run(main)
+stats = _workers.pool.stats()
+print("|".join(seen))
+restored = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+print("busy", stats.busy, "handler restored", restored)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("runner", ["asyncio", "trio"])
+@pytest.mark.parametrize("where", ["message taken, reply owed", "worker taken, call not started"])
+def test_ctrl_c_in_the_hosts_bookkeeping_reaches_the_sync_code(where: str, runner: str) -> None:
+    """Issue 16, item 9: a Ctrl-C that lands between two of the host's
+    steps -- after it took the worker's message and before the reply, or
+    after it took a worker from the pool and before handing it the call --
+    used to escape greenlet_spawn() there and leave the worker waiting for
+    ever (busy 1 after the run, with the loop still open).  The SIGINT
+    guard (_bridge/_ki.py) defers it into the call: the sync code gets
+    KeyboardInterrupt at its await_() (or, not started yet, does not
+    start), its cleanup runs, greenlet_spawn() raises it, the worker is
+    back in the pool, and the process's handler is the default again."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_IN_BOOKKEEPING, where, runner],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    if where == "message taken, reply owed":
+        expected = "started|interrupted at await_()|cleanup|greenlet_spawn raised KeyboardInterrupt"
+    else:
+        expected = "greenlet_spawn raised KeyboardInterrupt"
+    assert lines[0] == expected, out.stdout + out.stderr
+    assert lines[1] == "busy 0 handler restored True", out.stdout
+
+
 def test_interrupt_raised_in_a_thread_lands_inside_its_try() -> None:
     """The mechanism behind scenario 8 (_interrupts): the interrupt is
     raised where the sync code's own handlers see it, on every supported
@@ -1098,11 +1204,17 @@ def test_worker_start_and_retirement_are_logged_at_debug(caplog: Any) -> None:
         worker.submit(lambda: (done.set(), pool.release(worker)))  # type: ignore[func-returns-value]
         assert done.wait(10)
         deadline = threading.Event()
+
+        def logged() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "sqla_anyio_shim"]
+
+        # the retiring worker leaves the pool's counts just before it logs:
+        # wait for both (a busy machine can put a thread switch in between)
         for _ in range(1000):
-            if pool.stats().total == 0:
+            if pool.stats().total == 0 and any("retired after" in m for m in logged()):
                 break
             deadline.wait(0.01)
-    messages = [r.getMessage() for r in caplog.records if r.name == "sqla_anyio_shim"]
+    messages = logged()
     assert any(m.startswith("started worker thread") for m in messages), messages
     assert any("retired after" in m for m in messages), messages
     assert pool.stats().total == 0

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from .. import _options
-from . import _workers
+from . import _ki, _workers
 from ._call import _Call
 from ._host import Slot, acquire_worker, give_back, place, run_call, serve_nested
 from ._interrupts import inject
@@ -29,6 +29,7 @@ def _yield() -> Any:
     yield
 
 
+@_ki.protect
 async def spawn(
     loop: asyncio.AbstractEventLoop,
     fn: Callable[..., Any],
@@ -40,21 +41,36 @@ async def spawn(
     """greenlet_spawn() on asyncio, admitted (``slot``: what the gate gave
     it, see _host.Slot)."""
     holder = slot is not None and slot.holder
+    # on the main thread, Ctrl-C is kept out of the bridge's bookkeeping
+    # from here on (_ki)
+    guarded = _ki.enter()
     try:
-        if _options.current.checkpoint_calls:
-            await _yield()
-        worker = _workers.pool.try_acquire(beyond_cap=holder)
-        if worker is None:
-            worker = await acquire_worker(holder)
-    except BaseException:
-        give_back(slot)
-        raise
-    call = _Call(fn, args, kwargs, mailbox_for(loop, loop.call_soon_threadsafe), loop)
-    call.task = _current_task(loop)
-    if not holder:
-        call.gate_slot = slot
-    place(call, slot)
-    return await run_call(call, worker, AsyncioHost(loop, call.task), require_await)
+        try:
+            if _options.current.checkpoint_calls:
+                await _yield()
+            worker = _workers.pool.try_acquire(beyond_cap=holder)
+            if worker is None:
+                worker = await acquire_worker(holder)
+        except BaseException:
+            give_back(slot)
+            raise
+        call = _Call(fn, args, kwargs, mailbox_for(loop, loop.call_soon_threadsafe), loop)
+        call.task = _current_task(loop)
+        if not holder:
+            call.gate_slot = slot
+        place(call, slot)
+        return await run_call(call, worker, AsyncioHost(loop, call.task), require_await)
+    finally:
+        if guarded:
+            _ki.leave(loop.call_soon)
+            # a Ctrl-C the guard deferred where no call could take it any
+            # more (before it had one, or after its outcome was settled) is
+            # raised here, once nothing is owed; from here on it is not
+            # deferred at all
+            settled = True  # noqa: F841 -- read by _ki._guard, through the frame
+            late = _ki.deferred()
+            if late is not None:
+                raise late
 
 
 class AsyncioHost:

@@ -160,6 +160,7 @@ class _Call:
         "inbox",
         "injected",
         "interrupt",
+        "interrupt_pending",
         "kwargs",
         "loop",
         "loop_thread",
@@ -167,6 +168,7 @@ class _Call:
         "outbox",
         "outcome",
         "owners",
+        "settled",
         "state",
         "switching",
         "sync_io",
@@ -220,6 +222,12 @@ class _Call:
         self.injected = False
         # KeyboardInterrupt / SystemExit that hit the host while it waited
         self.interrupt: BaseException | None = None
+        # ``interrupt`` was deferred by the SIGINT guard (_ki) and is still
+        # to be carried into the sync code at the host's next wait
+        self.interrupt_pending = False
+        # the host has taken the call's outcome (or is leaving without it):
+        # an interrupt can no longer be delivered through the call
+        self.settled = False
         self.worker: Any = None
         self.fn = fn
         self.args = args

@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 from .. import _options
-from . import _interrupts, _stats, _workers
+from . import _interrupts, _ki, _stats, _workers
 from ._call import (
     AWAIT_REQUIRED_MESSAGE,
     DONE,
@@ -178,6 +178,11 @@ async def acquire_worker(holder: bool) -> _workers._Worker:
         assert worker is not None  # a new thread, if none is idle
         return worker
     while True:
+        early = _ki.deferred()
+        if early is not None:
+            # Ctrl-C hit spawn() just before (see _ki): no worker is taken,
+            # so it is raised here rather than after a wait for one
+            raise early
         waiter = _Waiter()
         worker = pool.add_waiter(waiter.wake)
         if worker is not None:
@@ -208,21 +213,35 @@ async def serve_nested(awaitable: Any, finish: Callable[[Outcome[Any]], None]) -
         finish(Value(value))
 
 
+@_ki.protect
 async def run_call(call: _Call, worker: Any, host: Host, require_await: bool) -> Any:
     """Start ``call`` on ``worker`` and serve it until its sync code has
-    finished; return or raise its outcome."""
+    finished; return or raise its outcome.
+
+    A Ctrl-C that lands in this bookkeeping (on the main thread) is deferred
+    by _ki's guard into ``call.interrupt`` and delivered at the next wait
+    (deliver_deferred), as one that lands in a wait is (_interrupted)."""
     call.worker = worker
     call.host = host
     _stats.count_call(1)
     try:
+        early = _ki.deferred()
+        if early is not None and call.interrupt is None:
+            # Ctrl-C hit spawn() after it had taken the worker: the worker
+            # finds it as it enters the sync code, which does not start
+            call.interrupt = early
         _start(call, worker)
         channel = call.channel
         switched = False
         first = True
         while True:
+            if call.interrupt_pending:
+                deliver_deferred(call)
             if not _acquire_blocking(call, channel, _wait_bound(call, first)):
                 # the sync code runs longer than a hand-off: let the loop run
                 _end_stretch(call)
+                if call.interrupt_pending:
+                    deliver_deferred(call)
                 call.async_waiting = True
                 await host.wait_for_message(call)
                 call.async_waiting = False
@@ -242,6 +261,7 @@ async def run_call(call: _Call, worker: Any, host: Host, require_await: bool) ->
         _abandon(call)
         raise
     finally:
+        call.settled = True
         _stats.count_call(-1)
         release_slot(call)
         _end_stretch(call)
@@ -366,6 +386,16 @@ def _acquire_blocking(call: _Call, channel: Any, timeout: float) -> bool:
     return got  # type: ignore[no-any-return]
 
 
+def deliver_deferred(call: _Call) -> None:
+    """Carry into the sync code an interrupt that _ki's guard deferred
+    (``call.interrupt``), once: at its next line if it runs the caller's
+    code, else at its next await_() (_next_message)."""
+    call.interrupt_pending = False
+    interrupt = call.interrupt
+    if interrupt is not None:
+        _interrupts.inject(call, type(interrupt))
+
+
 def _interrupted(call: _Call, exc: BaseException) -> bool:
     """A signal handler raised while the host waited (see
     _acquire_blocking)."""
@@ -400,6 +430,8 @@ def _next_message(call: _Call) -> Any:
         call.finished = True
         return DONE
     if call.interrupt is not None:
+        # delivered here, so not also carried in later (deliver_deferred)
+        call.interrupt_pending = False
         safe_close(message)
         call.send(Error(call.interrupt))
         return _ANSWERED
@@ -426,10 +458,19 @@ async def _serve(call: _Call, awaitable: Any) -> None:
         # add up stretches that the loop ran between)
         _end_stretch(call)
     outcome: Outcome[Any]
-    try:
-        outcome = Value(await awaitable)
-    except BaseException as err:
-        outcome = Error(err)
+    interrupt = call.interrupt
+    if interrupt is not None:
+        # Ctrl-C was deferred (_ki) after _next_message looked: the sync
+        # code gets it here rather than after an awaitable that may run long
+        call.interrupt_pending = False
+        safe_close(awaitable)
+        outcome = Error(interrupt)
+    else:
+        try:
+            outcome = Value(await awaitable)
+        except BaseException as err:
+            outcome = Error(err)
+    del interrupt
     if pool_wait:
         release_slot(call)
     call.send(outcome)
@@ -453,6 +494,7 @@ def release_slot(call: _Call) -> None:
 def _finish(call: _Call, switched: bool, require_await: bool) -> Any:
     """The outcome of a finished call, for greenlet_spawn() to return or
     raise."""
+    call.settled = True
     outcome, call.outcome = call.outcome, None
     assert outcome is not None
     interrupt, call.interrupt = call.interrupt, None

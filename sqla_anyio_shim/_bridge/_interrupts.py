@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._call import _Call
 
-__all__ = ["available", "inject", "raise_in_thread", "withdraw"]
+__all__ = ["available", "inject", "inject_locked", "raise_in_thread", "withdraw"]
 
 _TOOL_NAME = "sqla-anyio-shim"
 
@@ -185,9 +185,12 @@ def inject(call: _Call, exc_type: type) -> None:
     running the caller's sync code (never inside the bridge's own code), as
     a signal raises in whatever Python code greenlet's loop thread is
     running."""
-    if not available():
-        return
     with call.state:
-        if call.user_running and not call.injected:
-            call.injected = True
-            raise_in_thread(call.thread_id, exc_type)
+        inject_locked(call, exc_type)
+
+
+def inject_locked(call: _Call, exc_type: type) -> None:
+    """:func:`inject` with ``call.state`` held by the caller."""
+    if available() and call.user_running and not call.injected:
+        call.injected = True
+        raise_in_thread(call.thread_id, exc_type)

@@ -16,12 +16,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import _workers
+from . import _ki, _workers
 from ._call import _Call
 from ._host import Slot, acquire_worker, give_back, place, run_call, serve_nested
 from ._wakeups import mailbox_for
 
 
+@_ki.protect
 async def spawn(
     fn: Callable[..., Any],
     args: Any,
@@ -49,19 +50,34 @@ async def spawn(
     # lets the others run
     assert trio is not None
     holder = slot is not None and slot.holder
+    # on the main thread, Ctrl-C is kept out of the bridge's bookkeeping
+    # from here on (_ki; trio's own handler is the one wrapped)
+    guarded = _ki.enter()
     try:
-        await trio.lowlevel.checkpoint()
-        worker = _workers.pool.try_acquire(beyond_cap=holder)
-        if worker is None:
-            worker = await acquire_worker(holder)
-    except BaseException:
-        give_back(slot)
-        raise
-    call = _Call(fn, args, kwargs, mailbox_for(token, token.run_sync_soon), None)
-    if not holder:
-        call.gate_slot = slot
-    place(call, slot)
-    return await run_call(call, worker, TrioHost(trio, token), require_await)
+        try:
+            await trio.lowlevel.checkpoint()
+            worker = _workers.pool.try_acquire(beyond_cap=holder)
+            if worker is None:
+                worker = await acquire_worker(holder)
+        except BaseException:
+            give_back(slot)
+            raise
+        call = _Call(fn, args, kwargs, mailbox_for(token, token.run_sync_soon), None)
+        if not holder:
+            call.gate_slot = slot
+        place(call, slot)
+        return await run_call(call, worker, TrioHost(trio, token), require_await)
+    finally:
+        if guarded:
+            _ki.leave(None)
+            # a Ctrl-C the guard deferred where no call could take it any
+            # more (before it had one, or after its outcome was settled) is
+            # raised here, once nothing is owed; from here on it is not
+            # deferred at all
+            settled = True  # noqa: F841 -- read by _ki._guard, through the frame
+            late = _ki.deferred()
+            if late is not None:
+                raise late
 
 
 class TrioHost:
