@@ -831,3 +831,53 @@ async def test_the_reserve_worker_never_retires(anyio_backend: Any) -> None:
             pool.shutdown()
         assert not pool.reserve
         await _until(lambda: _alive_workers() == 0, "the reserve to end at shutdown")
+
+
+# -- the host's coroutine closed while it awaits for the worker -----------------
+
+
+def test_host_closed_mid_await_gives_the_sync_code_host_gone() -> None:
+    """The coroutine awaiting greenlet_spawn() is closed (GeneratorExit, as
+    when a pending task of a closed loop is collected) while it awaits an
+    awaitable for the worker.  The sync code gets HostGone at that
+    ``await_()`` and at any later one its cleanup makes (greenlet raises
+    GreenletExit there), the close completes, and the worker goes back to
+    the pool.  The host used to catch GeneratorExit as the awaitable's
+    outcome and hand it to the sync code, then serve the cleanup's next
+    ``await_()`` from the closing coroutine: "coroutine ignored
+    GeneratorExit"."""
+    seen: list[str] = []
+    returned = threading.Event()
+
+    async def main() -> None:
+        never = asyncio.get_running_loop().create_future()
+
+        async def cleanup_step() -> None:
+            await asyncio.sleep(0)
+
+        def sync() -> None:
+            try:
+                await_(never)
+            except BaseException as err:
+                seen.append(type(err).__name__)
+                try:
+                    await_(cleanup_step())
+                except BaseException as err2:
+                    seen.append(type(err2).__name__)
+                raise
+            finally:
+                returned.set()
+
+        coro = greenlet_spawn(sync)
+        # step the host by hand until it awaits ``never`` for the worker
+        yielded = coro.send(None)
+        while yielded is not never:
+            await asyncio.wait_for(asyncio.shield(yielded), 10)
+            yielded = coro.send(None)
+        coro.close()
+
+    before = _workers.pool.stats().busy
+    asyncio.run(main())
+    assert returned.wait(10), "the sync code never returned"
+    assert seen == ["HostGone", "HostGone"], seen
+    wait_until(lambda: _workers.pool.stats().busy == before, 10, "the worker back in the pool")

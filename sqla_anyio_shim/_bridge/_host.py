@@ -468,6 +468,11 @@ async def _serve(call: _Call, awaitable: Any) -> None:
     else:
         try:
             outcome = Value(await awaitable)
+        except GeneratorExit:
+            # the host's own coroutine is being closed, not the awaitable
+            # failing: run_call abandons the call (the sync code gets
+            # HostGone at this await_())
+            raise
         except BaseException as err:
             outcome = Error(err)
     del interrupt
