@@ -474,6 +474,27 @@ async def test_current_task_in_worker_is_the_caller(asyncio_only: None, anyio_ba
     assert await greenlet_spawn(sync) is me
 
 
+async def test_all_tasks_in_worker_include_the_caller(asyncio_only: None, anyio_backend: Any) -> None:
+    """Issue 16, item 11: ``asyncio.all_tasks()`` from sync code lists the
+    loop's tasks, the calling one included, as on greenlet's loop thread
+    (it was empty: the worker's running loop is a proxy, and no task is the
+    proxy's), also given the loop the sync code sees."""
+    import asyncio
+
+    me = asyncio.current_task()
+    other = asyncio.ensure_future(asyncio.sleep(10))
+    try:
+
+        def sync() -> Any:
+            return asyncio.all_tasks(), asyncio.all_tasks(asyncio.get_running_loop())
+
+        implicit, explicit = await greenlet_spawn(sync)
+        assert me in implicit and other in implicit, implicit
+        assert implicit == explicit == asyncio.all_tasks()
+    finally:
+        other.cancel()
+
+
 def test_outside_any_event_loop_error() -> None:
     """greenlet_spawn() needs a running asyncio or trio loop."""
     coro = greenlet_spawn(lambda: None)

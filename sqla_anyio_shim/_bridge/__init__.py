@@ -46,6 +46,7 @@ from ._call import (
     sqlalchemy_exc as sqlalchemy_exc,
 )
 from ._entry import (
+    all_tasks as all_tasks,
     await_ as await_,
     await_fallback as await_fallback,
     current_loop_of_worker as current_loop_of_worker,

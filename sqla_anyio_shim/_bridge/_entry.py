@@ -22,6 +22,7 @@ _T = TypeVar("_T")
 
 _get_running_loop = asyncio._get_running_loop
 _current_task = asyncio.current_task
+_all_tasks = asyncio.all_tasks
 
 # the message of the SQLAlchemy line in use (set_missing_greenlet_message)
 _missing_greenlet_message = (
@@ -130,6 +131,17 @@ def current_task(loop: asyncio.AbstractEventLoop | None = None) -> Any:
     if call is not None and call.loop is not None and (loop is None or loop is call.loop):
         return call.task
     return _current_task(loop)
+
+
+def all_tasks(loop: asyncio.AbstractEventLoop | None = None) -> set[asyncio.Task[Any]]:
+    """``asyncio.all_tasks()`` that, in a bridge worker, lists the tasks of
+    the host's loop -- the calling task included -- as it would on
+    greenlet's loop thread.  It is read on the loop thread (the task
+    registry is the loop's, not thread-safe), which costs a hop."""
+    call = getattr(_local, "call", None)
+    if call is not None and call.loop is not None and (loop is None or loop == call.loop):
+        return cast("set[asyncio.Task[Any]]", call.switch(_OnLoop(_all_tasks, (call.loop,), {})))
+    return _all_tasks(loop)
 
 
 def note_sync_io() -> None:

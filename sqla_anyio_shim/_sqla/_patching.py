@@ -376,12 +376,17 @@ def install(*, sync_drivers: bool = False) -> None:
                     method,
                     getattr(_primitives.QueueMethods, method),
                 )
-            # asyncio.current_task() from sync code (scoped sessions)
+            # asyncio.current_task() from sync code (scoped sessions) is the
+            # calling task, as on greenlet's loop thread
             import asyncio.tasks
 
             inst.replace(asyncio.tasks.current_task, _bridge.current_task)
             inst.set(asyncio, "current_task", _bridge.current_task)
             inst.set(asyncio.tasks, "current_task", _bridge.current_task)
+            # and asyncio.all_tasks(), which lists the caller's task there
+            inst.replace(asyncio.tasks.all_tasks, _bridge.all_tasks)
+            inst.set(asyncio, "all_tasks", _bridge.all_tasks)
+            inst.set(asyncio.tasks, "all_tasks", _bridge.all_tasks)
             import sqlalchemy.engine.default as default
 
             inst.set(
