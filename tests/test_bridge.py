@@ -474,7 +474,7 @@ async def test_current_task_in_worker_is_the_caller(asyncio_only: None, anyio_ba
     assert await greenlet_spawn(sync) is me
 
 
-async def test_all_tasks_in_worker_include_the_caller(asyncio_only: None, anyio_backend: Any) -> None:
+async def test_all_tasks_in_worker_include_caller(asyncio_only: None, anyio_backend: Any) -> None:
     """Issue 16, item 11: ``asyncio.all_tasks()`` from sync code lists the
     loop's tasks, the calling one included, as on greenlet's loop thread
     (it was empty: the worker's running loop is a proxy, and no task is the
