@@ -174,3 +174,65 @@ async def test_keep_atomic_reaches_engines_already_used(
             assert (await conn.execute(text("select 1"))).scalar() == 1
     finally:
         await engine.dispose()
+
+
+async def test_reaction_to_an_await_points_error_is_waited_for(
+    anyio_backend: Any, monkeypatch: Any
+) -> None:
+    """In the parallel mode the loop runs while the sync code does -- but
+    not while the sync code reacts to an exception raised at one of its
+    await points (a cancellation, a lost connection): from then on the call
+    is waited for as its first stretch is.  On greenlet that reaction
+    (SQLAlchemy invalidating and terminating the connection, over a few
+    hops) runs before the loop's next step; when the loop ran meanwhile,
+    asyncpg's background cancel request raced with the terminate() and left
+    an unretrieved ConnectionError on the loop (CI, 3.14t and 3.13t;
+    docs/conformance.md).  A ticker task counts the loop's iterations while
+    the sync code handles the error in two stretches with a hop between:
+    none may pass.  (The bound per stretch is raised so that a loaded
+    machine cannot make the worker outlast it.)"""
+    if anyio_backend[0] == "trio":
+        pytest.skip("the first-stretch wait is for async drivers, which are asyncio's")
+    from sqlalchemy.util import concurrency
+
+    from sqla_anyio_shim._bridge import _host
+
+    monkeypatch.setattr(_host, "FIRST_HANDOFF_BOUND", 30.0)
+    sqla_anyio_shim.install(parallel=True)
+    await_ = getattr(concurrency, "await_", None) or concurrency.await_only
+    ticks = [0]
+    seen: dict[str, int] = {}
+    stop = anyio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+            await anyio.sleep(0)
+
+    async def fails() -> None:
+        await anyio.sleep(0)
+        raise ConnectionError("the server went away")
+
+    async def hop() -> int:
+        return ticks[0]
+
+    def sync() -> None:
+        try:
+            await_(fails())
+        except ConnectionError:
+            seen["caught"] = ticks[0]
+            threading.Event().wait(0.05)  # the reaction: plain Python, then a hop
+            seen["hop"] = await_(hop())
+            threading.Event().wait(0.05)
+            seen["end"] = ticks[0]
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await anyio.sleep(0.01)
+            await concurrency.greenlet_spawn(sync)
+            stop.set()
+    finally:
+        sqla_anyio_shim.install()
+    assert seen["hop"] - seen["caught"] <= 1, seen
+    assert seen["end"] - seen["hop"] <= 1, seen

@@ -253,7 +253,15 @@ async def run_call(call: _Call, worker: Any, host: Host, require_await: bool) ->
             if message is _ANSWERED:
                 continue
             host.before_serve(call)
-            await _serve(call, message)
+            if await _serve(call, message) and 0 <= call.handoff < call.first_handoff:
+                # an await point raised (a cancellation, a lost connection):
+                # the rest of the call is waited for as its first stretch
+                # is.  On greenlet the sync code's reaction -- SQLAlchemy
+                # invalidating and terminating the connection, with a hop or
+                # two on the way -- runs before the loop gets far, and
+                # drivers' own background work races with it otherwise
+                # (asyncpg's cancel request, see docs/conformance.md)
+                call.handoff = call.first_handoff
             del message
         host.after_last(call)
         return _finish(call, switched, require_await)
@@ -438,9 +446,9 @@ def _next_message(call: _Call) -> Any:
     return message
 
 
-async def _serve(call: _Call, awaitable: Any) -> None:
+async def _serve(call: _Call, awaitable: Any) -> bool:
     """Await one awaitable for the worker, in the host task, and send the
-    outcome back."""
+    outcome back.  Returns whether it raised."""
     pool_wait = False
     if call.gate_slot is not None:
         # a call waiting in the pool's queue keeps its admission slot until
@@ -479,6 +487,7 @@ async def _serve(call: _Call, awaitable: Any) -> None:
     if pool_wait:
         release_slot(call)
     call.send(outcome)
+    return outcome.__class__ is Error
 
 
 def give_back(slot: Slot | None) -> None:
