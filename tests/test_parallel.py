@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from sqlalchemy import Column, Integer, event, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -207,10 +208,10 @@ async def test_reaction_to_an_await_points_error_is_waited_for(
     async def ticker() -> None:
         while not stop.is_set():
             ticks[0] += 1
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
 
     async def fails() -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         raise ConnectionError("the server went away")
 
     async def hop() -> int:
