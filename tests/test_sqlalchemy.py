@@ -366,6 +366,74 @@ async def test_queue_cancelled_waiter_passes_item_on(anyio_backend: Any) -> None
             assert (got, q.qsize()) in ((["item"], 0), ([], 1))
 
 
+@pytest.mark.parametrize("op", ["get", "put"])
+async def test_queue_op_reached_after_the_cancel_leaves_the_queue_as_is(
+    anyio_backend: Any, op: str
+) -> None:
+    """SQLAlchemy's #13749 when the sync code is slow to reach the queue
+    (CI: 3.13t under load, the parallel mode; the host waits for a call's
+    first stretch for 20 ms only): the item is put (or room made) and the
+    task cancelled *before* the sync code's blocking get (put) runs.  Under
+    greenlet the sync code would have reached it first, waited, and been
+    cancelled with the queue left as it was -- so here the pending
+    cancellation is raised at the get (put), not after an item was taken
+    without awaiting (it used to be: the cancel then landed after the call,
+    and the item was gone)."""
+    q: Any = sqla_queue.AsyncAdaptedQueue(maxsize=1)
+    if op == "put":
+        q.put_nowait("item")
+    reached = threading.Event()
+    go = threading.Event()
+
+    def sync() -> Any:
+        reached.set()
+        assert go.wait(10)  # a first stretch longer than any hand-off wait
+        if op == "get":
+            return q.get(timeout=30)
+        return q.put("other item", timeout=30)
+
+    def make_room_or_item() -> None:
+        if op == "get":
+            q.put_nowait("item")
+        else:
+            q.get_nowait()
+
+    returned: list[Any] = []
+    with anyio.fail_after(20):
+        if anyio_backend[0] == "asyncio":
+            import asyncio
+
+            task = asyncio.ensure_future(greenlet_spawn(sync))
+            while not reached.is_set():
+                await anyio.sleep(0.001)
+            await anyio.sleep(0.05)  # the host waits through the loop now
+            make_room_or_item()
+            task.cancel()
+            await anyio.sleep(0.05)  # the host has caught the cancellation
+            go.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            scopes: list[anyio.CancelScope] = []
+
+            async def call() -> None:
+                with anyio.CancelScope() as scope:
+                    scopes.append(scope)
+                    returned.append(await greenlet_spawn(sync))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                while not reached.is_set():
+                    await anyio.sleep(0.001)
+                await anyio.sleep(0.05)
+                make_room_or_item()
+                scopes[0].cancel()
+                await anyio.sleep(0.05)
+                go.set()
+    assert returned == []
+    assert q.qsize() == (1 if op == "get" else 0)
+
+
 async def test_lock_serializes_workers(anyio_backend: Any) -> None:
     lock = concurrency.AsyncAdaptedLock()
     inside = [0]

@@ -49,6 +49,7 @@ from ._entry import (
     all_tasks as all_tasks,
     await_ as await_,
     await_fallback as await_fallback,
+    cancellation_point as cancellation_point,
     current_loop_of_worker as current_loop_of_worker,
     current_task as current_task,
     ended_cleanly as ended_cleanly,

@@ -126,6 +126,19 @@ class Blocking:
             self._raise(raiser)
         return result
 
+    def checkpoint(self) -> None:
+        """Where a blocking call would start but none runs -- the pool
+        queue's ``get()`` finding a connection at once: a cancellation the
+        host caught while the sync code ran plain Python is raised here, as
+        at a statement's start.  (Under greenlet it could not have arrived
+        before the sync code got here; had it got here first, the get would
+        have waited and been cancelled, leaving the item in the queue --
+        SQLAlchemy's #13749.)"""
+        with self._lock:
+            raiser = self._take()
+        if raiser is not None:
+            self._raise(raiser)
+
     def _end(self) -> Raiser | None:
         """The blocking call is over: no interrupter may start for it any
         more, and the one fired for it has finished when this returns."""

@@ -467,6 +467,14 @@ class _Call:
 
     # -- host side ---------------------------------------------------------
 
+    def checkpoint(self) -> None:
+        """A cancellation point of the sync code that is neither an
+        await_() nor a blocking call (see _blocking.Blocking.checkpoint);
+        nothing to do unless the host has handed a cancellation over."""
+        blocking = self._blocking
+        if blocking is not None:
+            blocking.checkpoint()
+
     def send(self, outcome: Outcome[Any], mirror: bool = True) -> None:
         """Reply to the worker; with ``mirror``, the host's context goes
         with it if it differs from the call's.  ``mirror=False`` when the

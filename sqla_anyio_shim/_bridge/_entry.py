@@ -165,6 +165,15 @@ def run_blocking(interrupter: Callable[[], None] | None, fn: Callable[..., _T], 
     return call.blocking().run(interrupter, fn, args)  # type: ignore[no-any-return]
 
 
+def cancellation_point() -> None:
+    """In a worker: raise a cancellation of the calling task that arrived
+    while the sync code ran plain Python, if one is pending (see
+    _blocking.Blocking.checkpoint).  Outside a worker: nothing."""
+    call = getattr(_local, "call", None)
+    if call is not None:
+        call.checkpoint()
+
+
 def ended_cleanly(exc: BaseException) -> bool:
     """Whether ``exc`` is a cancellation that :func:`run_blocking` raised in
     the current worker in place of an outcome the blocking call produced by

@@ -206,6 +206,9 @@ class QueueMethods:
 
         if not block:
             return self.put_nowait(item)  # type: ignore[no-any-return]
+        # a blocking put is where a pending cancellation lands, even when
+        # there is room (see get)
+        _bridge.cancellation_point()
         state = _queue_state(self)
         if _await_for(self)(_queue_put(self, state, item, timeout)) is _TIMEOUT:
             raise Full()
@@ -224,6 +227,13 @@ class QueueMethods:
         from sqlalchemy.util.queue import Empty
 
         state = _queue_state(self)
+        if block:
+            # a blocking get is where a cancellation of the task that
+            # arrived while the sync code ran lands, even when an item is
+            # there: under greenlet the get would have been reached first,
+            # waited, and been cancelled with the item left in the queue
+            # (SQLAlchemy's #13749; _blocking.Blocking.checkpoint)
+            _bridge.cancellation_point()
         with state.mutex:
             # an item that's already available is taken without awaiting
             if state.items:
