@@ -12,9 +12,9 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from .. import _options
-from . import _ki, _workers
+from . import _ki
 from ._call import _Call
-from ._host import Slot, acquire_worker, give_back, place, run_call, serve_nested
+from ._host import Slot, give_back, place, run_call, serve_nested, take_worker
 from ._interrupts import inject
 from ._wakeups import mailbox_for
 
@@ -45,15 +45,13 @@ async def spawn(
     # from here on (_ki)
     guarded = _ki.enter()
     try:
-        try:
-            if _options.current.checkpoint_calls:
+        if _options.current.checkpoint_calls:
+            try:
                 await _yield()
-            worker = _workers.pool.try_acquire(beyond_cap=holder)
-            if worker is None:
-                worker = await acquire_worker(holder)
-        except BaseException:
-            give_back(slot)
-            raise
+            except BaseException:
+                give_back(slot)
+                raise
+        worker = await take_worker(holder, slot)
         call = _Call(fn, args, kwargs, mailbox_for(loop, loop.call_soon_threadsafe), loop)
         call.task = _current_task(loop)
         if not holder:
@@ -62,15 +60,7 @@ async def spawn(
         return await run_call(call, worker, AsyncioHost(loop, call.task), require_await)
     finally:
         if guarded:
-            _ki.leave(loop.call_soon)
-            # a Ctrl-C the guard deferred where no call could take it any
-            # more (before it had one, or after its outcome was settled) is
-            # raised here, once nothing is owed; from here on it is not
-            # deferred at all
-            settled = True  # noqa: F841 -- read by _ki._guard, through the frame
-            late = _ki.deferred()
-            if late is not None:
-                raise late
+            _ki.close(loop.call_soon)
 
 
 class AsyncioHost:

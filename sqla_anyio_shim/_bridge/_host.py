@@ -197,6 +197,20 @@ async def acquire_worker(holder: bool) -> _workers._Worker:
             return worker
 
 
+async def take_worker(holder: bool, slot: Slot | None) -> _workers._Worker:
+    """A worker for a backend's spawn(): an idle or new one at once, or the
+    next to come free (:func:`acquire_worker`); the slot is given back if
+    the wait ends otherwise (cancelled)."""
+    try:
+        worker = _workers.pool.try_acquire(beyond_cap=holder)
+        if worker is None:
+            worker = await acquire_worker(holder)
+    except BaseException:
+        give_back(slot)
+        raise
+    return worker
+
+
 async def serve_nested(awaitable: Any, finish: Callable[[Outcome[Any]], None]) -> None:
     """A task of its own on the loop for an ``await_()`` that a finalizer
     re-entered in a worker mid-hand-off (_Call._switch_nested): its outcome

@@ -127,6 +127,18 @@ def _restore() -> None:
         _signal.signal(_SIGINT, wrapped)
 
 
+def close(schedule: Callable[[Callable[[], None]], Any] | None) -> None:
+    """The last step of a spawn() that :func:`enter` guarded: :func:`leave`,
+    then raise a Ctrl-C the guard deferred where no call could take it any
+    more (before the call existed, or after its outcome was settled) --
+    nothing is owed now.  Inside this function an interrupt is not deferred
+    at all (_protected_root)."""
+    leave(schedule)
+    late = deferred()
+    if late is not None:
+        raise late
+
+
 def deferred() -> BaseException | None:
     """An interrupt deferred in spawn() before its call existed, if any
     (taken: the caller delivers it)."""
@@ -145,10 +157,7 @@ def _guard(signum: int, frame: FrameType | None) -> Any:
         root = _protected_root(frame)
         if root is None:
             raise
-        local = root.f_locals
-        if local.get("settled"):
-            raise  # spawn() is past its call: nothing is owed any more
-        call = local.get("call")
+        call = root.f_locals.get("call")
         if call is None or call.settled:
             # spawn() before its call exists, or the call's outcome is
             # settled: spawn() raises it (or run_call(), starting, takes
@@ -184,9 +193,14 @@ def _protected_root(frame: FrameType | None) -> FrameType | None:
     to, if the chain from ``frame`` to it is all the bridge's own code."""
     while frame is not None:
         code = frame.f_code
+        if code is _CLOSE_CODE:
+            return None  # spawn() is past its call: nothing is owed any more
         if code in _roots:
             return frame
         if not code.co_filename.startswith(_PACKAGE_DIR):
             return None
         frame = frame.f_back
     return None
+
+
+_CLOSE_CODE = close.__code__

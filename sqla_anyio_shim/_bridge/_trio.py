@@ -16,9 +16,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import _ki, _workers
+from . import _ki
 from ._call import _Call
-from ._host import Slot, acquire_worker, give_back, place, run_call, serve_nested
+from ._host import Slot, give_back, place, run_call, serve_nested, take_worker
 from ._wakeups import mailbox_for
 
 
@@ -56,12 +56,10 @@ async def spawn(
     try:
         try:
             await trio.lowlevel.checkpoint()
-            worker = _workers.pool.try_acquire(beyond_cap=holder)
-            if worker is None:
-                worker = await acquire_worker(holder)
         except BaseException:
             give_back(slot)
             raise
+        worker = await take_worker(holder, slot)
         call = _Call(fn, args, kwargs, mailbox_for(token, token.run_sync_soon), None)
         if not holder:
             call.gate_slot = slot
@@ -69,15 +67,7 @@ async def spawn(
         return await run_call(call, worker, TrioHost(trio, token), require_await)
     finally:
         if guarded:
-            _ki.leave(None)
-            # a Ctrl-C the guard deferred where no call could take it any
-            # more (before it had one, or after its outcome was settled) is
-            # raised here, once nothing is owed; from here on it is not
-            # deferred at all
-            settled = True  # noqa: F841 -- read by _ki._guard, through the frame
-            late = _ki.deferred()
-            if late is not None:
-                raise late
+            _ki.close(None)
 
 
 class TrioHost:
