@@ -1218,3 +1218,33 @@ def test_worker_start_and_retirement_are_logged_at_debug(caplog: Any) -> None:
     assert any(m.startswith("started worker thread") for m in messages), messages
     assert any("retired after" in m for m in messages), messages
     assert pool.stats().total == 0
+
+
+@pytest.mark.skipif(sys.version_info < (3, 14), reason="concurrent.interpreters is new in 3.14")
+def test_sigint_guard_in_a_subinterpreters_main_thread() -> None:
+    """The SIGINT guard (_bridge/_ki.py) is put in by the first call on the
+    main thread.  A subinterpreter's main thread is the main thread too, but
+    only the main interpreter may set signal handlers (ValueError): there
+    the guard is simply not put in -- nothing to guard, no signal reaches
+    it -- and calls go on as usual."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        from concurrent import interpreters
+        interp = interpreters.create()
+        interp.exec('''
+        import sys
+        sys.path[:0] = {sys.path!r}
+        from sqla_anyio_shim._bridge import _ki
+        assert _ki.enter() is True and _ki._wrapped is None
+        _ki.leave(None)
+        ''')
+        interp.close()
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok"]

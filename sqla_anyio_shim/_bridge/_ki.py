@@ -81,8 +81,13 @@ def enter() -> bool:
     if _active == 1 and _wrapped is None:
         current = _signal.getsignal(_SIGINT)
         if callable(current) and current is not _guard:
+            try:
+                _signal.signal(_SIGINT, _guard)
+            except ValueError:
+                # the main thread of a subinterpreter: only the main
+                # interpreter's gets signals, so there is nothing to guard
+                return True
             _wrapped = current
-            _signal.signal(_SIGINT, _guard)
     return True
 
 
