@@ -23,7 +23,8 @@ host awaits, the caller's code) the wrapped handler runs as it would have.
 
 Only the main thread gets signals, so calls on loops of other threads are
 not counted.  The wrapper is put in when the first main-thread call starts
-and taken out when the last one ends: outside the bridge, the process's
+and taken out after the last one ends (under asyncio at the loop's next
+iteration, see :func:`leave`): outside the bridge, the process's
 handler is exactly the one it set (asyncio.run() checks for Python's
 default handler before putting in its own, and puts the default back only
 if its own is still there).  Under trio, trio's own handler is wrapped the
@@ -40,7 +41,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
 
-__all__ = ["deferred", "enter", "leave", "protect"]
+__all__ = ["close", "deferred", "enter", "leave", "protect"]
 
 _SIGINT = _signal.SIGINT
 _get_ident = threading.get_ident
