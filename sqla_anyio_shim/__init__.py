@@ -53,7 +53,7 @@ def install(
     handoff_timeout: float | None = 0.002,
     slow_call_warning: float | None = 0.1,
     max_pool_waiters: int | None = 64,
-    parallel: bool | None = False,
+    parallel: bool | None = None,
 ) -> None:
     """Replace SQLAlchemy's greenlet helpers with the thread bridge.
 
@@ -97,12 +97,12 @@ def install(
     :param parallel: whether the sync code of different tasks may run at the
         same time, the event loop never blocked waiting for it (as threaded
         sync SQLAlchemy runs: one task per ``Session`` / ``Connection``).
-        ``False`` (the default for now: see the README) blocks everywhere;
-        ``None`` (auto) is parallel on free-threaded builds
+        ``None`` (auto, the default) is parallel on free-threaded builds
         whose GIL is off and for sync-driver engines everywhere, and blocks
         as greenlet does for async drivers on GIL builds (measured faster
         there), and blocks everywhere with ``handoff_timeout=None``
-        (greenlet's behaviour exactly); ``True`` is parallel everywhere.
+        (greenlet's behaviour exactly); ``True`` is parallel everywhere;
+        ``False`` blocks everywhere.
         A call's first stretch, up to its first ``await_()``, and the rest
         of a call once an await point raised are waited for in every mode
         (async drivers; docs/principle.md).

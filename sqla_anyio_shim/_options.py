@@ -53,7 +53,7 @@ class Settings:
     handoff_timeout: float | None = 0.002
     slow_call_warning: float | None = 0.1
     max_pool_waiters: int | None = 64
-    parallel: bool | None = False
+    parallel: bool | None = None
     #: how long the host blocks for the next message, in the form the
     #: channel's wait takes (-1: no bound); derived from handoff_timeout
     handoff_wait: float = field(init=False, repr=False, compare=False)
@@ -212,7 +212,7 @@ OPTIONS: tuple[Option, ...] = (
         "parallel",
         _tristate(),
         "sync code of different tasks at once, the loop never blocked "
-        "('auto': on free-threaded builds and for sync drivers; off by default)",
+        "(auto, the default: on free-threaded builds and for sync drivers)",
     ),
 )
 

@@ -17,11 +17,13 @@ GIL used to hide would show up as a lost commit, a leaked connection, a hang
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
 from typing import Any
 
+import aiosqlite
 import anyio
 import pytest
 from sqlalchemy import event
@@ -38,6 +40,57 @@ TASKS = 1000
 MAX_TIMEOUT = 1.5
 
 pytestmark = [pytest.mark.anyio]
+
+
+class _CancelSafeAiosqliteConnect:
+    """Opens the engine's aiosqlite connections so that a connect cancelled
+    while aiosqlite's thread opens the database does not leak it.
+
+    aiosqlite 0.22 drops the ``sqlite3.Connection`` of a ``connect()``
+    cancelled at that point without closing it (its result arrives on a
+    cancelled future), and CPython 3.13+ warns when it is finalized:
+    ``ResourceWarning: unclosed database``, which fails the run.  That is
+    aiosqlite's, not the bridge's: greenlet shows it as often, 174 of 1,000
+    deadline-cancelled ``eng.connect()`` calls on 3.13 (and aiosqlite alone
+    every time; docs/conformance.md, "Upstream defects").  A run of 1,000
+    randomly cancelled tasks reconnects after every invalidation, so a
+    cancel lands there in a run now and then.  Here the open goes on under
+    ``asyncio.shield()`` and a connection that arrives after its caller was
+    cancelled is closed; ``drain()`` waits for those closes, so a leak of
+    the shim's own still fails the run."""
+
+    def __init__(self, eng: Any) -> None:
+        self.cancelled = 0
+        self._closing: set[asyncio.Task[None]] = set()
+        event.listen(eng.sync_engine, "do_connect", self._do_connect)
+
+    def _do_connect(self, dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:
+        # SQLAlchemy's own connect, with its arguments, through the opener
+        return dialect.loaded_dbapi.connect(*cargs, async_creator_fn=self._open, **cparams)
+
+    async def _open(self, *args: Any, **kwargs: Any) -> Any:
+        connection = aiosqlite.connect(*args, **kwargs)
+        # as SQLAlchemy's dialect does for its own connect (0.22's thread)
+        connection._thread.daemon = True
+        opening = asyncio.ensure_future(connection)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            opening.add_done_callback(self._close_late)
+            raise
+
+    def _close_late(self, opening: asyncio.Future[Any]) -> None:
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        closing = asyncio.ensure_future(opening.result().close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def drain(self) -> None:
+        with anyio.fail_after(10):
+            while self._closing:
+                await asyncio.gather(*self._closing)
 
 
 @pytest.fixture(
@@ -83,6 +136,8 @@ async def test_thousand_tasks_random_cancellations(
         cursor.execute("PRAGMA synchronous=OFF")
         cursor.close()
 
+    opener = None if sync else _CancelSafeAiosqliteConnect(eng)
+
     try:
         async with eng.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
@@ -92,7 +147,11 @@ async def test_thousand_tasks_random_cancellations(
                 eng, Item, seed=7919 * run, tasks=TASKS, max_timeout=MAX_TIMEOUT, deadline=140
             )
         seconds = time.monotonic() - started
+        if opener is not None:
+            stats["connects cancelled"] = opener.cancelled
     finally:
+        if opener is not None:
+            await opener.drain()
         await eng.dispose()
         sqla_anyio_shim.install(sync_drivers=False)
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()
