@@ -157,8 +157,15 @@ def run_cpu(args: Any, gs: GroupSizes, failed: list[str]) -> dict[str, Any]:
     }
 
 
-def child_cpu(cargs: Any) -> dict[str, Any]:
+def _window(Item: Any, start: int, rows: int) -> Any:
+    """The cell's one statement, the same for the bridge and for plain
+    threads: ``rows`` consecutive ORM rows from ``start``."""
     from sqlalchemy import select
+
+    return select(Item).where(Item.id >= start).order_by(Item.id).limit(rows)
+
+
+def child_cpu(cargs: Any) -> dict[str, Any]:
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
     kind, driver, _ = CPU_VARIANTS[cargs.variant]
@@ -184,15 +191,7 @@ def child_cpu(cargs: Any) -> dict[str, Any]:
         start = rng.randint(1, n_items - rows + 1)
         t = perf_counter()
         async with Session() as s:
-            objs = (
-                (
-                    await s.execute(
-                        select(Item).where(Item.id >= start).order_by(Item.id).limit(rows)
-                    )
-                )
-                .scalars()
-                .all()
-            )
+            objs = (await s.execute(_window(Item, start, rows))).scalars().all()
         if lat is not None:
             lat.append(perf_counter() - t)
         assert len(objs) == rows, len(objs)
@@ -230,7 +229,7 @@ def _child_cpu_threads(cargs: Any, tasks: int, ops: int, rows: int) -> dict[str,
     per operation, pool_size N (no event loop, no bridge)."""
     import threading
 
-    from sqlalchemy import create_engine, select
+    from sqlalchemy import create_engine
     from sqlalchemy.orm import sessionmaker
 
     from ._setup import url_for
@@ -256,13 +255,7 @@ def _child_cpu_threads(cargs: Any, tasks: int, ops: int, rows: int) -> dict[str,
                 start = rng.randint(1, n_items - rows + 1)
                 t = perf_counter()
                 with Session() as s:
-                    objs = (
-                        s.execute(
-                            select(Item).where(Item.id >= start).order_by(Item.id).limit(rows)
-                        )
-                        .scalars()
-                        .all()
-                    )
+                    objs = s.execute(_window(Item, start, rows)).scalars().all()
                 if lat is not None:
                     lat.append(perf_counter() - t)
                 assert len(objs) == rows, len(objs)
