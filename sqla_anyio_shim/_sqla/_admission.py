@@ -336,10 +336,3 @@ def _gate_of_pool(pool: Any) -> _PoolGate | None:
         with _lock:
             _gates.add(new)
     return gate  # type: ignore[no-any-return]
-
-
-def _holds_connection(fn: Any, args: tuple[Any, ...]) -> bool:
-    """Whether the call's sync code works on a connection checked out of a
-    pool (then it may be the one that returns it, and must not wait)."""
-    target = target_of(fn, args)
-    return target is not None and target[0] is _HOLDS
