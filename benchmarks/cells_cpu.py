@@ -1,9 +1,11 @@
 """The ``cpu`` cells (issue 10, issue 17): CPU-heavy ORM reads.
 
 400 rows materialised per operation at 1 and 8 tasks: greenlet+aiosqlite,
-shim+aiosqlite, shim-sync+pysqlite and shim+aiosqlite under
-``PYTHON_GIL=1``; the shim's two in the parallel mode (``install(parallel=
-True)``); and plain sync SQLAlchemy, a ``Session`` per operation on N
+shim+aiosqlite, shim-sync+pysqlite (``install()``'s defaults: the parallel
+mode on a free-threaded build) and shim+aiosqlite under ``PYTHON_GIL=1``
+(where the default blocks as greenlet does); the shim's two in the atomic
+mode (``install(parallel=False)``, the default until 2026-12-05); and plain
+sync SQLAlchemy, a ``Session`` per operation on N
 threads -- what the machine's cores give this workload with no event loop
 at all, the limit the parallel mode is measured against.  Meant for a
 free-threaded interpreter (``--cpu-python`` or ``BENCH_CPU_PYTHON``); a
@@ -56,8 +58,8 @@ CPU_VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
     "shim+aiosqlite": ("shim", "sqlite+aiosqlite", {}),
     "shim-sync+pysqlite": ("shim-sync", "sqlite+pysqlite", {}),
     "shim+aiosqlite PYTHON_GIL=1": ("shim", "sqlite+aiosqlite", {"PYTHON_GIL": "1"}),
-    "shim+aiosqlite parallel": ("shim", "sqlite+aiosqlite", {"BENCH_SHIM_PARALLEL": "on"}),
-    "shim-sync+pysqlite parallel": ("shim-sync", "sqlite+pysqlite", {"BENCH_SHIM_PARALLEL": "on"}),
+    "shim+aiosqlite atomic": ("shim", "sqlite+aiosqlite", {"BENCH_SHIM_PARALLEL": "off"}),
+    "shim-sync+pysqlite atomic": ("shim-sync", "sqlite+pysqlite", {"BENCH_SHIM_PARALLEL": "off"}),
     "sync threads+pysqlite": ("plain", "sqlite+pysqlite", {}),
 }
 CPU_BASELINE = "greenlet+aiosqlite"

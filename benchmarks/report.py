@@ -394,15 +394,14 @@ CPU_GOALS = (
     ("shim+aiosqlite", 1, 1.0),
     ("shim+aiosqlite", 8, 1.3),
     ("shim-sync+pysqlite", 8, 1.6),
-    # issue 17: the parallel mode
-    ("shim+aiosqlite parallel", 1, 1.0),
-    ("shim+aiosqlite parallel", 8, 1.3),
+    # issue 17: with install()'s defaults (the parallel mode on 3.14t)
+    ("shim-sync+pysqlite", 1, 1.0),
 )
-# issue 17: the parallel mode's sync drivers against plain sync threads
-# (the cores' limit for this workload), same run
+# issue 17: sync drivers with install()'s defaults (the parallel mode)
+# against plain sync threads (the cores' limit for this workload), same run
 CPU_THREAD_GOALS = (
-    ("shim-sync+pysqlite parallel", 1, 0.95),
-    ("shim-sync+pysqlite parallel", 8, 0.95),
+    ("shim-sync+pysqlite", 1, 0.95),
+    ("shim-sync+pysqlite", 8, 0.95),
 )
 CPU_THREADS = "sync threads+pysqlite"
 FAIR_HOLD_MS = 20.0  # the loop is held at most ~20 ms at a time
@@ -847,8 +846,8 @@ def handoff_bars(groups: dict[str, Any]) -> list[tuple[str, str, float | None, f
         "shim+aiosqlite": "shim",
         "shim-sync+pysqlite": "shim-sync",
         "shim+aiosqlite PYTHON_GIL=1": "GIL=1",
-        "shim+aiosqlite parallel": "shim par",
-        "shim-sync+pysqlite parallel": "sync par",
+        "shim+aiosqlite atomic": "shim atom",
+        "shim-sync+pysqlite atomic": "sync atom",
         "sync threads+pysqlite": "threads",
     }
     for c in groups.get("cpu", {}).get("cells", []):
