@@ -1,10 +1,16 @@
-"""The ``reuse`` cells (issue 10): one ``AsyncSession`` per task, K selects.
+"""The ``reuse`` cells (issues 10 and 17): one session per task, K selects.
 
 Each task opens ONE ``AsyncSession`` and runs K ORM selects by primary key
 (pool 20) -- asyncpg, psycopg_async, aiosqlite at 1 / 100 / 1,000 tasks:
 ops/s, p50, p99, context switches per select, ``await_()`` calls per
 select (an untimed pass through :class:`~benchmarks._method.HopCounter`).
 In-process, greenlet and shim alternating round by round.
+
+The sync-driver cells (issue 17: psycopg, pysqlite) have the same shape
+with the sync driver: ``shim-sync`` (an ``AsyncSession`` over
+``install(sync_drivers=True)``) against ``to_thread`` (a sync ``Session``
+per task, each select and the close one ``anyio.to_thread.run_sync()``):
+the same two thread hops per call, so the ratio is the shim's own cost.
 """
 
 from __future__ import annotations
@@ -34,13 +40,27 @@ from ._setup import (
     impl_check,
     pair,
     schema,
+    url_for,
     use_implementation,
 )
 
+
+def _sync_pair(driver: str, name: str) -> list[Variant]:
+    """``to_thread`` (the baseline) and the shim on one sync driver."""
+    t = f"to_thread+{name}"
+    return [
+        Variant(t, "to_thread", driver, t),
+        Variant(f"shim-sync+{name}", "shim-sync", driver, t),
+    ]
+
+
+# (database, driver name, variants: the first is the baseline)
 REUSE_DRIVERS = [
-    ("postgresql", "postgresql+asyncpg", "asyncpg"),
-    ("postgresql", "postgresql+psycopg_async", "psycopg_async"),
-    ("sqlite", "sqlite+aiosqlite", "aiosqlite"),
+    ("postgresql", "asyncpg", pair("postgresql+asyncpg", "asyncpg")),
+    ("postgresql", "psycopg_async", pair("postgresql+psycopg_async", "psycopg_async")),
+    ("sqlite", "aiosqlite", pair("sqlite+aiosqlite", "aiosqlite")),
+    ("postgresql", "psycopg", _sync_pair("postgresql+psycopg", "psycopg")),
+    ("sqlite", "pysqlite", _sync_pair("sqlite+pysqlite", "pysqlite")),
 ]
 REUSE_POOL = 20
 
@@ -60,6 +80,8 @@ async def reuse_batch(
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
     use_implementation(v.kind)
+    if v.kind == "to_thread":
+        return await _to_thread_batch(v, db, tasks, k, args, sizes, rng, timeout, count)
     engine = async_engine(
         v.driver, db, args, pool_size=REUSE_POOL, max_overflow=0, pool_timeout=600
     )
@@ -83,40 +105,97 @@ async def reuse_batch(
 
         # selects after the first of a session: no wait for a pool connection
         rest: list[float] = []
-
-        # warm-up: one select per task (fills the pool, starts the threads)
-        await asyncio.wait_for(
-            asyncio.gather(*(task(j, 1, tasks * k, None) for j in range(tasks))), timeout
-        )
-        gc.collect()
-        lat: list[float] = []
-        counter = HopCounter() if count else None
-        if counter:
-            counter.__enter__()
-        try:
-            u0 = Usage.now()
-            await asyncio.wait_for(
-                asyncio.gather(*(task(j, k, 0, lat) for j in range(tasks))), timeout
-            )
-            u = Usage.now().since(u0)
-        finally:
-            if counter:
-                counter.__exit__()
-        n = tasks * k
-        out: dict[str, Any] = dict(
-            u,
-            ops=n,
-            ops_per_s=n / u["wall"],
-            p50_us=pct(lat, 0.5) * 1e6,
-            p99_us=pct(lat, 0.99) * 1e6,
-            p99_rest_us=pct(rest, 0.99) * 1e6,
-        )
-        if counter:
-            out["awaits"] = counter.awaits
-            out["spawns"] = counter.spawns
-        return out
+        return await _timed(task, rest, tasks, k, timeout, count)
     finally:
         await engine.dispose()
+
+
+async def _to_thread_batch(
+    v: Variant,
+    db: str,
+    tasks: int,
+    k: int,
+    args: Any,
+    sizes: Sizes,
+    rng: random.Random,
+    timeout: float,
+    count: bool,
+) -> dict[str, Any]:
+    """The baseline of the sync-driver cells: what an application without
+    the shim writes -- a sync ``Session`` per task, every call one
+    ``to_thread.run_sync()`` (anyio's default limiter, 40 threads)."""
+    import anyio.to_thread
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import sessionmaker
+
+    kw: dict[str, Any] = {"connect_args": {"timeout": 60}} if db == "sqlite" else {}
+    engine = create_engine(
+        url_for(db, v.driver, args), pool_size=REUSE_POOL, max_overflow=0, pool_timeout=600, **kw
+    )
+    run_sync = anyio.to_thread.run_sync
+    try:
+        Item = schema()[1]
+        Session = sessionmaker(engine, expire_on_commit=False)
+        ids = [rng.randint(1, sizes.items) for _ in range(tasks * k + tasks)]
+
+        def one(s: Any, i: int) -> Any:
+            return s.execute(select(Item).where(Item.id == i)).scalar_one()
+
+        async def task(j: int, n: int, base: int, lat: list[float] | None) -> None:
+            s = Session()
+            try:
+                for m in range(n):
+                    i = ids[base + j * n + m]
+                    t = perf_counter()
+                    obj = await run_sync(one, s, i)
+                    if lat is not None:
+                        lat.append(perf_counter() - t)
+                        if m:
+                            rest.append(lat[-1])
+                    assert obj.id == i
+            finally:
+                await run_sync(s.close)
+
+        rest: list[float] = []
+        return await _timed(task, rest, tasks, k, timeout, count)
+    finally:
+        engine.dispose()
+
+
+async def _timed(
+    task: Any, rest: list[float], tasks: int, k: int, timeout: float, count: bool
+) -> dict[str, Any]:
+    """Warm up, then run ``tasks`` x ``task(j, k, ...)`` timed."""
+    # warm-up: one select per task (fills the pool, starts the threads)
+    await asyncio.wait_for(
+        asyncio.gather(*(task(j, 1, tasks * k, None) for j in range(tasks))), timeout
+    )
+    gc.collect()
+    rest.clear()
+    lat: list[float] = []
+    counter = HopCounter() if count else None
+    if counter:
+        counter.__enter__()
+    try:
+        u0 = Usage.now()
+        await asyncio.wait_for(asyncio.gather(*(task(j, k, 0, lat) for j in range(tasks))), timeout)
+        u = Usage.now().since(u0)
+    finally:
+        if counter:
+            counter.__exit__()
+    n = tasks * k
+    out: dict[str, Any] = dict(
+        u,
+        ops=n,
+        ops_per_s=n / u["wall"],
+        p50_us=pct(lat, 0.5) * 1e6,
+        p99_us=pct(lat, 0.99) * 1e6,
+        p99_rest_us=pct(rest, 0.99) * 1e6,
+    )
+    if counter:
+        out["awaits"] = counter.awaits
+        out["spawns"] = counter.spawns
+    return out
 
 
 async def run_reuse(
@@ -126,10 +205,12 @@ async def run_reuse(
     timeout = 120.0 if args.quick else 900.0
     cells: list[dict[str, Any]] = []
     tasks_list = int_list(args.reuse_tasks) or gs.reuse_tasks
-    for db, driver, name in REUSE_DRIVERS:
+    for db, name, all_variants in REUSE_DRIVERS:
         if db not in dbs:
             continue
-        variants = [v for v in pair(driver, name) if selected(v.key, args)]
+        variants = [v for v in all_variants if selected(v.key, args)]
+        if not variants:
+            continue
         for tasks in tasks_list:
             k = gs.reuse_k_for(tasks)
             cell: dict[str, Any] = {
@@ -137,6 +218,8 @@ async def run_reuse(
                 "db": db,
                 "tasks": tasks,
                 "k": k,
+                "variants": [v.key for v in all_variants],
+                "baseline": all_variants[0].key,
                 "runs": {},
                 "errors": {},
                 "awaits_per_op": {},
