@@ -111,6 +111,12 @@ def parse_args(argv: list[str]) -> Any:
         help="task counts of the scale cells (default 1000,5000,20000)",
     )
     p.add_argument("--cpu-tasks", default=None, help="task counts of the cpu cells (default 1,8)")
+    p.add_argument(
+        "--cpu-group",
+        default="cpu",
+        help="the name the cpu cells are stored and rendered under (default cpu); another name, "
+        "e.g. cpu:3.13t, keeps a second interpreter's cells next to the first's (--merge)",
+    )
     p.add_argument("--out", default=None, help="write RESULTS.md here")
     p.add_argument("--plot", default=None, help="write the ratios PNG here")
     p.add_argument("--json", default=None, help="write the raw results here")
@@ -279,7 +285,7 @@ def run_groups(
         else:
             raise ValueError(f"unknown cell group {g!r}; choose from {', '.join(ALL_GROUPS[1:])}")
         data["meta"] = dict(stamp, elapsed_s=perf_counter() - t0)
-        out[g] = data
+        out[args.cpu_group if g == "cpu" else g] = data
         log(f"== {g}: {perf_counter() - t0:.1f}s")
     return out
 
