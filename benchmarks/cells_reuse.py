@@ -124,6 +124,7 @@ async def _to_thread_batch(
     """The baseline of the sync-driver cells: what an application without
     the shim writes -- a sync ``Session`` per task, every call one
     ``to_thread.run_sync()`` (anyio's default limiter, 40 threads)."""
+    import anyio
     import anyio.to_thread
     from sqlalchemy import create_engine, select
     from sqlalchemy.orm import sessionmaker
@@ -141,20 +142,32 @@ async def _to_thread_batch(
         def one(s: Any, i: int) -> Any:
             return s.execute(select(Item).where(Item.id == i)).scalar_one()
 
+        # Sessions admitted pool_size at a time.  Without this, to_thread
+        # deadlocks in this shape once tasks outnumber anyio's 40 threads
+        # and the pool: tasks waiting for a connection block in the pool's
+        # checkout on every thread, and the holders cannot get one to run
+        # their next select and return theirs (measured: 100 tasks, pool 20,
+        # no progress until pool_timeout).  The shim's gate does the same
+        # admission by itself; the wait counts in the first select's latency
+        # as the pool wait does for the shim.
+        admit = anyio.Semaphore(REUSE_POOL)
+
         async def task(j: int, n: int, base: int, lat: list[float] | None) -> None:
-            s = Session()
-            try:
-                for m in range(n):
-                    i = ids[base + j * n + m]
-                    t = perf_counter()
-                    obj = await run_sync(one, s, i)
-                    if lat is not None:
-                        lat.append(perf_counter() - t)
-                        if m:
-                            rest.append(lat[-1])
-                    assert obj.id == i
-            finally:
-                await run_sync(s.close)
+            t_admit = perf_counter()
+            async with admit:
+                s = Session()
+                try:
+                    for m in range(n):
+                        i = ids[base + j * n + m]
+                        t = t_admit if m == 0 else perf_counter()
+                        obj = await run_sync(one, s, i)
+                        if lat is not None:
+                            lat.append(perf_counter() - t)
+                            if m:
+                                rest.append(lat[-1])
+                        assert obj.id == i
+                finally:
+                    await run_sync(s.close)
 
         rest: list[float] = []
         return await _timed(task, rest, tasks, k, timeout, count)

@@ -716,8 +716,10 @@ def render_handoff(data: dict[str, Any]) -> list[str]:
             "Sync drivers (psycopg, pysqlite; issue 17): *shim-sync* is the same `AsyncSession` "
             "over `install(sync_drivers=True)`, and its baseline (*×base*) is *to_thread*: a sync "
             "`Session` per task, each select and the close one `anyio.to_thread.run_sync()` "
-            "(anyio's default limiter, 40 threads) -- the same two thread hops per call; for the "
-            "async drivers *×base* is greenlet.\n"
+            "(anyio's default limiter, 40 threads), sessions admitted pool_size at a time by an "
+            "`anyio.Semaphore` (without it to_thread deadlocks here once tasks outnumber the "
+            "threads and the pool: the waiters block in the pool's checkout on every thread) -- "
+            "the same two thread hops per call; for the async drivers *×base* is greenlet.\n"
         )
         a(
             "| driver | tasks × K | variant | ops/s | ×base | p50 µs | ×base | p99 µs | "
