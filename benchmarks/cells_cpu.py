@@ -168,8 +168,6 @@ def _window(Item: Any, start: int, rows: int) -> Any:
 
 
 def child_cpu(cargs: Any) -> dict[str, Any]:
-    from sqlalchemy.ext.asyncio import async_sessionmaker
-
     kind, driver, _ = CPU_VARIANTS[cargs.variant]
     try:
         use_implementation(kind)
@@ -179,6 +177,9 @@ def child_cpu(cargs: Any) -> dict[str, Any]:
     tasks, ops, rows = cargs.tasks, cargs.ops, cargs.rows
     if kind == "plain":
         return _child_cpu_threads(cargs, tasks, ops, rows)
+    # only now: without greenlet (3.13t) SQLAlchemy's asyncio extension
+    # imports only once install() has run
+    from sqlalchemy.ext.asyncio import async_sessionmaker
     engine = async_engine(
         driver, "sqlite", cargs, pool_size=tasks, max_overflow=0, pool_timeout=600
     )
