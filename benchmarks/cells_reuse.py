@@ -184,7 +184,6 @@ async def _timed(
         asyncio.gather(*(task(j, 1, tasks * k, None) for j in range(tasks))), timeout
     )
     gc.collect()
-    rest.clear()
     lat: list[float] = []
     counter = HopCounter() if count else None
     if counter:
@@ -231,8 +230,7 @@ async def run_reuse(
                 "db": db,
                 "tasks": tasks,
                 "k": k,
-                "variants": [v.key for v in all_variants],
-                "baseline": all_variants[0].key,
+                "variants": [v.key for v in all_variants],  # the first is the baseline
                 "runs": {},
                 "errors": {},
                 "awaits_per_op": {},
