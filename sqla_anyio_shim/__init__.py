@@ -54,6 +54,7 @@ def install(
     slow_call_warning: float | None = 0.1,
     max_pool_waiters: int | None = 64,
     parallel: bool | None = None,
+    driver_loops: bool | None = None,
 ) -> None:
     """Replace SQLAlchemy's greenlet helpers with the thread bridge.
 
@@ -110,6 +111,15 @@ def install(
         (``StaticPool``, ``SingletonThreadPool``, ``AssertionPool``) and
         engines given to :func:`keep_atomic` keep greenlet's atomicity in
         every mode.
+    :param driver_loops: whether async drivers run inside the workers: each
+        driver connection gets an asyncio event loop of its own, made and
+        closed with it, and the worker runs the driver's coroutines on it,
+        so that a driver call is no round trip to the caller's event loop
+        and the caller's loop may be trio's.  ``None`` (auto, the default)
+        is on under trio (where no async driver could run otherwise) and
+        off under asyncio; ``True`` everywhere; ``False`` nowhere (async
+        drivers are then refused under trio).  It applies to connections
+        made after it; each connection keeps the mode it was made in.
     :raises UnsupportedSQLAlchemyVersion: SQLAlchemy is not 2.0.x or 2.1.x.
     """
     settings = _options.settings_from(
@@ -121,6 +131,7 @@ def install(
         slow_call_warning=slow_call_warning,
         max_pool_waiters=max_pool_waiters,
         parallel=parallel,
+        driver_loops=driver_loops,
     )
     _bridge.pool.configure(
         max_workers=settings.max_workers,

@@ -54,6 +54,7 @@ class Settings:
     slow_call_warning: float | None = 0.1
     max_pool_waiters: int | None = 64
     parallel: bool | None = None
+    driver_loops: bool | None = None
     #: how long the host blocks for the next message, in the form the
     #: channel's wait takes (-1: no bound); derived from handoff_timeout
     handoff_wait: float = field(init=False, repr=False, compare=False)
@@ -214,6 +215,12 @@ OPTIONS: tuple[Option, ...] = (
         "sync code of different tasks at once, the loop never blocked "
         "(auto, the default: on free-threaded builds and for sync drivers)",
     ),
+    Option(
+        "driver_loops",
+        _tristate(),
+        "async drivers inside the workers, each connection on a loop of its own "
+        "(auto, the default: under trio)",
+    ),
 )
 
 _BY_KEYWORD = {option.keyword: option for option in OPTIONS}
@@ -252,7 +259,7 @@ def parse_word(option: Option, text: str) -> Any:
 
 def format_word(option: Option, value: Any) -> str:
     """The inverse of :func:`parse_word`."""
-    if option.keyword == "parallel":
+    if option.keyword in ("parallel", "driver_loops"):
         return {None: "auto", True: "on", False: "off"}[value]
     return "none" if value is None else str(value)
 

@@ -19,6 +19,8 @@ One call, from ``greenlet_spawn()`` to a worker and back, room by room:
 ``_channel``       the wake-up of one hop between host and worker (eventfd)
 ``_wakeups``       waking a task from a worker: the host's mailbox, and
                    the one-shot ``_Waiter`` of the pool queue, lock and gate
+``_driver_loop``   async drivers inside the worker: a connection's own
+                   event loop, run by the worker (``driver_loops``)
 ``_blocking``      a blocking call of the sync code (a sync driver's
                    statement) as an await point: the cancellation that
                    interrupts it
@@ -52,16 +54,24 @@ from ._entry import (
     cancellation_point as cancellation_point,
     current_loop_of_worker as current_loop_of_worker,
     current_task as current_task,
+    driver_loops_in_force as driver_loops_in_force,
     ended_cleanly as ended_cleanly,
     greenlet_spawn as greenlet_spawn,
     host_is_trio as host_is_trio,
     in_greenlet as in_greenlet,
     missing_greenlet as missing_greenlet,
+    new_driver_loop as new_driver_loop,
     note_sync_io as note_sync_io,
     on_loop_thread as on_loop_thread,
     run_blocking as run_blocking,
     run_on_loop_thread as run_on_loop_thread,
     set_missing_greenlet_message as set_missing_greenlet_message,
+)
+from ._driver_loop import (
+    DriverLoop as DriverLoop,
+    attach as attach_driver_loop,
+    loop_of as driver_loop_of,
+    scope as driver_scope,
 )
 from ._host import Gate as Gate, set_await_hook as set_await_hook, set_gate as set_gate
 from ._stats import call_stats as call_stats

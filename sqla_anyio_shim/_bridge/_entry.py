@@ -14,8 +14,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
+from .. import _options
 from . import _asyncio, _host, _trio
 from ._call import _local, safe_close, sqlalchemy_exc
+from ._driver_loop import DriverLoop
 from ._loop_proxy import _OnLoop
 
 _T = TypeVar("_T")
@@ -47,7 +49,9 @@ def run_on_loop_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     """Call ``fn`` on the host's event-loop thread when called from a bridge
     worker whose host runs asyncio; call it here otherwise."""
     call = getattr(_local, "call", None)
-    if call is None or call.loop is None:
+    if call is None or call.loop is None or getattr(_local, "driver", None) is not None:
+        # (in a driver-loop connection's method the driver's loop is this
+        # thread's: it is not running now, so its calls are safe here)
         return fn(*args, **kwargs)
     return call.switch(_OnLoop(fn, args, kwargs))  # type: ignore[no-any-return]
 
@@ -79,6 +83,10 @@ def await_(awaitable: Awaitable[_T]) -> _T:
     if call is None:
         safe_close(awaitable)
         raise missing_greenlet()
+    driver = getattr(_local, "driver", None)
+    if driver is not None:
+        # a method of a connection with a loop of its own (_driver_loop)
+        return driver.run(call, awaitable)
     return call.switch(awaitable)  # type: ignore[no-any-return]
 
 
@@ -99,6 +107,9 @@ def await_fallback(awaitable: Awaitable[_T]) -> _T:
                 "Was IO attempted in an unexpected place?"
             )
         return loop.run_until_complete(awaitable)
+    driver = getattr(_local, "driver", None)
+    if driver is not None:
+        return cast(_T, driver.run(call, awaitable))
     return cast(_T, call.switch(awaitable))
 
 
@@ -190,9 +201,30 @@ def host_is_trio() -> bool:
 
 
 def current_loop_of_worker() -> Any:
-    """The asyncio loop of the host of the current worker thread, or None
-    (not in a worker, or the host is not asyncio)."""
+    """The asyncio loop the sync code of the current worker thread sees:
+    its driver connection's own (_driver_loop) in one of that connection's
+    methods, else its host's; None (not in a worker, or the host is not
+    asyncio)."""
     call = getattr(_local, "call", None)
     if call is None:
         return None
+    driver = getattr(_local, "driver", None)
+    if driver is not None:
+        return driver.loop
     return call.loop
+
+
+def driver_loops_in_force() -> bool:
+    """Whether a driver connection made now, in this worker, gets a loop of
+    its own (``install(driver_loops=...)``: on, or auto under trio, whose
+    host no asyncio driver could use)."""
+    call = getattr(_local, "call", None)
+    if call is None:
+        return False
+    mode = _options.current.driver_loops
+    return mode is True or (mode is None and call.loop is None)
+
+
+def new_driver_loop() -> DriverLoop:
+    """A loop for a driver connection about to be made (see _driver_loop)."""
+    return DriverLoop()

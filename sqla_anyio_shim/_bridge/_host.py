@@ -333,7 +333,13 @@ def place(call: _Call, slot: Slot | None) -> None:
         call.domain = domain
         _atomic(call, settings.handoff_wait)
         return
-    sync_driver = slot is not None and slot.sync_driver
+    # the engine's driver I/O runs in the worker: a sync driver's, or an
+    # async driver's on its connections' own loops (_driver_loop)
+    sync_driver = slot is not None and (
+        slot.sync_driver
+        or settings.driver_loops is True
+        or (settings.driver_loops is None and call.loop is None)
+    )
     parallel = settings.parallel
     if parallel is None:
         # auto; an explicit handoff_timeout=None asks for greenlet's full

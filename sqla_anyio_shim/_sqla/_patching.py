@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _bridge
-from . import _primitives, _sync_drivers
+from . import _driver_loops, _primitives, _sync_drivers
 
 SUPPORTED_LINES = ((2, 0), (2, 1))
 SUPPORTED_TEXT = "SQLAlchemy 2.0.x and 2.1.x"
@@ -269,6 +269,14 @@ class _Installation:
             # close fails or is cancelled -- on greenlet's loop thread, in
             # a worker here: run it on the loop thread
             self.set(cls, "_terminate_force_close", _bridge.on_loop_thread(force_close))
+        if _driver_loops.is_adapter_class(cls):
+            # async drivers inside the workers: every method of the classes
+            # through which SQLAlchemy reaches a driver knows its
+            # connection's loop (after _terminate_force_close's wrapper,
+            # which it wraps in turn)
+            _driver_loops.patch_adapter_class(self.set, cls)
+        elif cls.__module__.startswith("sqlalchemy.dialects."):
+            _driver_loops.patch_dialect_class(self.set, cls)
         for attr, value in list(cls.__dict__.items()):
             if isinstance(value, staticmethod):
                 func = value.__func__
@@ -392,7 +400,9 @@ def install(*, sync_drivers: bool = False) -> None:
             inst.set(
                 default.DefaultDialect,
                 "connect",
-                _sync_drivers.wrap_connect(default.DefaultDialect.connect),
+                _driver_loops.wrap_connect(
+                    _sync_drivers.wrap_connect(default.DefaultDialect.connect)
+                ),
             )
             inst.patch_loaded()
             inst.set_sync_drivers(sync_drivers)

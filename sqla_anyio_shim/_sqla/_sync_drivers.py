@@ -35,8 +35,9 @@ dialect answers with a subclass of itself (made once per class) that
 in ``create_async_engine()``; with sync drivers enabled it is the sync one
 (use ``postgresql+psycopg_async://`` for the async driver).
 
-An asyncio-only driver used under trio fails at its first connection with
-an error naming the sync-driver option (:func:`check_backend`).
+An asyncio-only driver used under trio with ``driver_loops=False`` fails
+at its first connection with an error naming both options
+(:func:`check_backend`).
 
 Interrupters (what stops a running statement, called from another thread
 while the worker is blocked in it):
@@ -367,11 +368,19 @@ def wrap_connect(original: Any) -> Any:
 
 def check_backend(dialect: Any) -> None:
     """An asyncio-only driver under trio: fail at once, clearly."""
-    if dialect.is_async and not is_sync_driver_dialect(dialect) and _bridge.host_is_trio():
+    if (
+        dialect.is_async
+        and not is_sync_driver_dialect(dialect)
+        and _bridge.host_is_trio()
+        and not _bridge.driver_loops_in_force()
+    ):
         raise _bridge.sqlalchemy_exc().InvalidRequestError(
             f"The {dialect.driver!r} driver needs an asyncio event loop and "
-            "cannot run under trio. Under trio, use a sync DBAPI driver "
-            "through the shim's workers: sqla_anyio_shim.install("
-            "sync_drivers=True) and a URL such as 'sqlite:///file.db', "
-            "'postgresql+psycopg://...' or 'mysql+pymysql://...'."
+            "cannot run under trio with driver_loops=False. Under trio, "
+            "let async drivers run on event loops of their own in the "
+            "shim's workers: sqla_anyio_shim.install(driver_loops=None) (the "
+            "default) or driver_loops=True; or use a sync DBAPI driver "
+            "there: install(sync_drivers=True) and a URL such as "
+            "'sqlite:///file.db', 'postgresql+psycopg://...' or "
+            "'mysql+pymysql://...'."
         )

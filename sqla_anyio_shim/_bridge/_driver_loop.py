@@ -1,0 +1,321 @@
+"""Async drivers inside the worker: each connection on an event loop of its
+own (``install(driver_loops=...)``; docs/principle.md, "Driver loops").
+
+In the hand-off mode every ``await_()`` of the sync code is a round trip
+to the event-loop thread.  Here a driver connection gets a private asyncio
+loop, made when it connects and closed when it is closed, and the worker
+that runs the sync code runs the driver's coroutines on that loop itself
+(``run_until_complete``): a call then costs the two hops of ``to_thread``
+(start, finish) and none per driver call, and the host's loop can be
+anything -- trio included -- since the driver never sees it.
+
+Which awaits run here is decided by the *connection*, not by guessing: the
+SQLAlchemy side (``_sqla._driver_loops``) wraps the adapter classes'
+methods so that, while one runs in a worker, the adapter's driver loop is
+the thread's current :class:`DriverLoop` (:func:`scope`); ``await_()``
+there runs on it (:meth:`DriverLoop.run`).  Every other await point (the
+pool's queue, the user's awaitables, a connection made in the hand-off
+mode) still goes to the host.
+
+A driver call is a blocking call of the sync code (``_blocking``), so a
+cancellation of the task reaches it exactly as it reaches a sync driver's
+statement: caught before the call, it is raised at its start; caught while
+it runs, the *interrupter* cancels the private task from another thread
+(``call_soon_threadsafe``) -- the driver's coroutine sees ``CancelledError``
+at its suspension, as under greenlet, and does its own clean-up (asyncpg's
+cancel request) -- and the backend's cancellation is raised when it ends.
+
+A connection's loop is run by one thread at a time: by the worker of the
+task that holds the connection (SQLAlchemy's rule: one task per
+connection; engines that share a connection between tasks keep the
+engine's domain lock, see _host.place).  Between calls it does not run:
+callbacks a driver schedules then (a transport's close, a timer) run at
+the connection's next call, or when the loop is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import weakref
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ._call import _Call, _local, safe_close
+from ._host import release_slot
+from ._loop_proxy import _LoopProxy
+
+__all__ = ["DriverLoop", "current", "scope"]
+
+_log = logging.getLogger("sqla_anyio_shim")
+
+_get_running_loop = asyncio._get_running_loop
+_set_running_loop = asyncio._set_running_loop
+
+#: seconds a closing loop runs for its tasks' clean-up at most
+CLOSE_TIMEOUT = 2.0
+
+#: the name of the short-lived threads that close a loop for a thread that
+#: runs an event loop of its own (a connection collected on the loop thread)
+CLOSER_THREAD_NAME = "sqla-anyio-shim-loop-closer"
+
+
+class DriverLoop:
+    """The private event loop of one driver connection."""
+
+    __slots__ = ("__weakref__", "_lock", "closed", "loop")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        # held while a thread runs the loop: two at once is a connection
+        # shared between tasks outside SQLAlchemy's rules
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def run(self, call: _Call, awaitable: Awaitable[Any]) -> Any:
+        """``await_(awaitable)`` in ``call``'s worker, on this loop: run it
+        to its end here, as an await point of the call (see the module
+        docstring)."""
+        if self.closed:
+            # a closed connection's adapter: its driver raises (closed
+            # connection) without touching a loop; on a loop of its own
+            return _run_detached(awaitable)
+        if self.loop.is_running():
+            # an await_() nested inside this loop's own run (a finalizer
+            # that ran there): the host's way
+            return call.switch(awaitable)
+        # the call did its I/O: _require_await is satisfied, and it is past
+        # the pool (its admission slot goes to the next caller, as at the
+        # hand-off's first await point other than the pool's queue; only
+        # this worker touches the slot while it runs)
+        call.sync_io = True
+        if call.gate_slot is not None:
+            release_slot(call)
+        run = _Run(self, awaitable)
+        try:
+            return call.blocking().run(run.interrupt, run.run, ())
+        finally:
+            if not run.started:
+                # a cancellation raised at the call's start: never awaited
+                safe_close(awaitable)
+
+    def run_here(self, awaitable: Awaitable[Any]) -> Any:
+        """Run ``awaitable`` on this loop in the calling thread, outside any
+        worker: the host awaiting a coroutine of the connection's driver
+        (``AsyncResult``'s soft close of a buffered cursor, which SQLAlchemy
+        awaits on the caller's loop).  The task holds the connection, so
+        no worker runs the loop meanwhile; the caller's loop waits for it
+        (a cursor's close: no round trip to the server)."""
+        if self.closed:
+            return _run_detached(awaitable)
+        return _Run(self, awaitable).run()
+
+    def close(self) -> None:
+        """Close the loop, once: cancel what is left on it (a driver's
+        background task, such as asyncpg's cancel request) and let it
+        finish, run the callbacks pending (a transport's close), then
+        close it.  From a thread that runs an event loop of its own (the
+        host's loop thread, where the garbage collector may finalize a
+        connection), in a short-lived thread instead."""
+        if self.closed:
+            return
+        running = _get_running_loop()
+        if running is not None and not isinstance(running, _LoopProxy):
+            if running is self.loop:
+                # closed from inside its own run (a finalizer): later
+                self.loop.call_soon(self.close)
+                return
+            threading.Thread(target=self._close_now, name=CLOSER_THREAD_NAME).start()
+            return
+        self._close_now()
+
+    def _close_now(self) -> None:
+        if not self._lock.acquire(timeout=CLOSE_TIMEOUT):
+            _log.warning("sqla-anyio-shim: a driver loop still runs; closing it later")
+            return
+        try:
+            if self.closed:
+                return
+            self.closed = True
+            loop = self.loop
+            previous = _get_running_loop()
+            _set_running_loop(None)
+            try:
+                # what the driver left running is let finish first (asyncpg's
+                # cancel request of a statement cancelled by a deadline: the
+                # server must still get it), then cancelled
+                tasks = [task for task in _all_tasks(loop) if not task.done()]
+                if tasks:
+                    loop.run_until_complete(asyncio.wait(tasks, timeout=CLOSE_TIMEOUT))
+                    tasks = [task for task in tasks if not task.done()]
+                    for task in tasks:
+                        task.cancel()
+                    if tasks:
+                        loop.run_until_complete(asyncio.wait(tasks, timeout=CLOSE_TIMEOUT))
+                # the callbacks pending: a transport's connection_lost, ...
+                loop.run_until_complete(_pass_twice())
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            except BaseException:
+                _log.exception("sqla-anyio-shim: closing a driver connection's loop failed")
+            finally:
+                _set_running_loop(previous)
+                loop.close()
+        finally:
+            self._lock.release()
+
+
+# the real one, bound before install() replaces asyncio.all_tasks (with
+# one that lists the host's tasks from a worker)
+_all_tasks = asyncio.all_tasks
+
+
+def _run_detached(awaitable: Awaitable[Any]) -> Any:
+    """Run ``awaitable`` on a short-lived loop in this thread."""
+    loop = asyncio.new_event_loop()
+    previous = _get_running_loop()
+    _set_running_loop(None)
+    try:
+        return loop.run_until_complete(awaitable)
+    finally:
+        _set_running_loop(previous)
+        loop.close()
+
+
+async def _pass_twice() -> None:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+class _Run:
+    """One driver call on a connection's loop, and its interrupter."""
+
+    __slots__ = ("awaitable", "cancelled", "lock", "owner", "started", "task")
+
+    def __init__(self, owner: DriverLoop, awaitable: Awaitable[Any]) -> None:
+        self.owner = owner
+        self.awaitable: Any = awaitable
+        self.task: asyncio.Future[Any] | None = None
+        self.started = False
+        self.cancelled = False
+        self.lock = threading.Lock()
+
+    def run(self) -> Any:
+        owner = self.owner
+        loop = owner.loop
+        if not owner._lock.acquire(blocking=False):
+            raise RuntimeError(
+                "a driver connection's event loop is already running in another "
+                "thread: one connection is used by two tasks at once, which "
+                "SQLAlchemy's threading rules do not allow.  Use a connection (or "
+                "Session) per task, or keep the engine atomic with "
+                "sqla_anyio_shim.keep_atomic(engine)"
+            )
+        previous = _get_running_loop()
+        _set_running_loop(None)
+        try:
+            self.started = True
+            awaitable, self.awaitable = self.awaitable, None
+            task = asyncio.ensure_future(awaitable, loop=loop)
+            with self.lock:
+                self.task = task
+                cancelled = self.cancelled
+            if cancelled:
+                task.cancel()
+            return loop.run_until_complete(task)
+        finally:
+            _set_running_loop(previous)
+            owner._lock.release()
+
+    def interrupt(self) -> None:
+        """From another thread (_blocking's interrupter thread): cancel the
+        driver's coroutine at its suspension."""
+        with self.lock:
+            self.cancelled = True
+            task = self.task
+        if task is None:
+            return  # not started yet: run() cancels it as it starts
+        try:
+            self.owner.loop.call_soon_threadsafe(task.cancel)
+        except RuntimeError:
+            pass  # the loop is closed: nothing runs on it any more
+
+
+def current() -> DriverLoop | None:
+    """The driver loop of the adapter whose method runs on this thread now."""
+    return getattr(_local, "driver", None)
+
+
+@contextmanager
+def scope(driver: DriverLoop | None) -> Iterator[None]:
+    """While an adapter method of a connection whose loop is ``driver``
+    runs: its ``await_()`` go to ``driver`` (None: to the host), and the
+    sync code's running loop is that loop (``asyncio.shield()`` or
+    ``asyncio.get_event_loop()`` in the adapter's sync code make tasks and
+    futures for it)."""
+    previous = getattr(_local, "driver", None)
+    _local.driver = driver
+    if driver is None:
+        try:
+            yield
+        finally:
+            _local.driver = previous
+        return
+    previous_loop = _get_running_loop()
+    _set_running_loop(driver.loop)
+    try:
+        yield
+    finally:
+        _set_running_loop(previous_loop)
+        _local.driver = previous
+
+
+# -- the loops of driver connections ----------------------------------------
+
+_ATTR = "_sqla_anyio_shim_driver_loop"
+# for driver connections without a __dict__ (asyncpg's), weakly by the
+# connection
+_by_connection: weakref.WeakKeyDictionary[Any, DriverLoop] = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
+
+#: whether any connection ever got a loop of its own: until then the
+#: adapters' wrappers (_sqla._driver_loops) step aside at once
+in_use = False
+
+
+def attach(connection: Any, driver: DriverLoop) -> bool:
+    """Make ``driver`` the loop of the driver connection ``connection``;
+    it is closed when the connection is collected if nothing closed it
+    before.  False if the connection can hold neither an attribute nor a
+    weak reference (its loop is then closed only with the connection)."""
+    global in_use
+    in_use = True
+    try:
+        weakref.finalize(connection, driver.close)
+    except TypeError:
+        finalizer = False
+    else:
+        finalizer = True
+    if hasattr(connection, "__dict__"):
+        connection.__dict__[_ATTR] = driver
+        return True
+    if finalizer:
+        with _registry_lock:
+            _by_connection[connection] = driver
+        return True
+    return False
+
+
+def loop_of(connection: Any) -> DriverLoop | None:
+    """The driver loop of ``connection`` (None: it was made in the
+    hand-off mode, its awaits go to the host)."""
+    if connection is None:
+        return None
+    d = getattr(connection, "__dict__", None)
+    if d is not None:
+        return d.get(_ATTR)  # type: ignore[no-any-return]
+    try:
+        return _by_connection.get(connection)
+    except TypeError:
+        return None
