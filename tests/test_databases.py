@@ -19,8 +19,11 @@ own (``pg_terminate_backend`` / ``KILL``); the defaults are superusers.
 An unreachable server, or a driver that is not installed, skips the tests
 that need it, with the reason -- unless ``CI=true``, where it fails them.
 
-The drivers are asyncio-only, so ``anyio_backend`` is "asyncio" here.  Every
-wait is bounded, and every test runs under ``anyio.fail_after``.
+The drivers are asyncio libraries: every scenario runs on asyncio in the
+hand-off mode, on asyncio with driver loops (``install(driver_loops=True)``,
+each connection on an event loop of its own in the workers) and on trio
+(where driver loops are the default).  Every wait is bounded, and every
+test runs under ``anyio.fail_after``.
 """
 
 from __future__ import annotations
@@ -83,11 +86,25 @@ def _shim() -> Any:
         sqla_anyio_shim.uninstall()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    # asyncpg, psycopg's async connection, aiomysql and asyncmy are all
-    # asyncio-only
-    return "asyncio"
+#: (backend, install()'s driver_loops): asyncpg, psycopg's async
+#: connection, aiomysql and asyncmy are asyncio libraries -- on asyncio in
+#: the hand-off mode (their awaits on the caller's loop) and on loops of
+#: their own in the workers (driver loops); on trio only the latter
+MODES = [
+    pytest.param(("asyncio", False), id="asyncio"),
+    pytest.param(("asyncio", True), id="asyncio-driver_loops"),
+    pytest.param(("trio", None), id="trio-driver_loops"),
+]
+
+
+@pytest.fixture(params=MODES)
+def anyio_backend(request: Any) -> Any:
+    backend, driver_loops = request.param
+    sqla_anyio_shim.install(driver_loops=driver_loops)
+    try:
+        yield backend
+    finally:
+        sqla_anyio_shim.install()
 
 
 class DB:
@@ -605,6 +622,7 @@ CANCELS = 60
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the hand-off mode
 @pytest.mark.parametrize("parallel", [False, True], ids=["atomic", "parallel"])
 async def test_asyncpg_cancelled_statements_leave_nothing_on_the_loop(
     anyio_backend: str, parallel: bool
@@ -660,6 +678,7 @@ async def test_asyncpg_cancelled_statements_leave_nothing_on_the_loop(
 # -- issue 12, scenario 10: the driver's force close runs on the loop thread --
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the hand-off mode
 async def test_asyncpg_force_close_from_sync_code_runs_on_loop_thread(anyio_backend: str) -> None:
     """Scenario 10: when a graceful close fails or is cancelled, SQLAlchemy
     calls the adapted connection's ``_terminate_force_close()`` (asyncpg's

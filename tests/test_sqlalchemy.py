@@ -468,21 +468,6 @@ def test_sync_driver_refused_without_option() -> None:
         create_async_engine("sqlite:///:memory:")
 
 
-async def test_asyncio_driver_under_trio_fails_clearly(anyio_backend: Any, tmp_path: Any) -> None:
-    if anyio_backend[0] != "trio":
-        pytest.skip("the error is specific to trio")
-    eng = create_async_engine(_url("aiosqlite", tmp_path))
-    try:
-        with anyio.fail_after(10):
-            with pytest.raises(
-                InvalidRequestError, match=r"needs an asyncio event loop.*sync_drivers=True"
-            ):
-                async with eng.connect() as conn:
-                    await conn.execute(text("select 1"))
-    finally:
-        await eng.dispose()
-
-
 async def _cancelling_orm_workload(
     eng: AsyncEngine,
     model: Any,

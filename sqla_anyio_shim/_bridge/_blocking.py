@@ -96,19 +96,45 @@ class Blocking:
 
     # -- worker side -------------------------------------------------------
 
-    def run(self, interrupter: Callable[[], None] | None, fn: Callable[..., Any], args: Any) -> Any:
+    def run(
+        self,
+        interrupter: Callable[[], None] | None,
+        fn: Callable[..., Any],
+        args: Any,
+        *,
+        keep_outcome: bool = False,
+    ) -> Any:
         """``fn(*args)``, a blocking call, as an await point (see the module
-        docstring); ``interrupter`` stops it from another thread."""
-        with self._lock:
-            raiser = self._take()
-            if raiser is None:
+        docstring); ``interrupter`` stops it from another thread.
+
+        ``keep_outcome``: ``fn`` runs a coroutine, which the interrupter
+        cancels (a driver loop's call).  An outcome it reached by itself --
+        a result, an Exception -- before the cancellation reached it is kept
+        and the cancellation left for the next await point, as when an
+        awaited coroutine finishes before its task is cancelled (its result
+        may be a new connection, which must not be dropped); only the
+        coroutine's own cancellation raises the backend's here."""
+        if keep_outcome:
+            with self._lock:
+                pending = self._raiser is not None
                 self._interrupter = interrupter
-        if raiser is not None:
-            self._raise(raiser)
+            if pending and interrupter is not None:
+                # a cancellation caught before the call began: the coroutine
+                # is started and cancelled at its first suspension, where
+                # greenlet's task would have had it (the interrupter of a
+                # call not yet started only marks it; it does not block)
+                interrupter()
+        else:
+            with self._lock:
+                raiser = self._take()
+                if raiser is None:
+                    self._interrupter = interrupter
+            if raiser is not None:
+                self._raise(raiser)
         try:
             result = fn(*args)
         except Exception:
-            raiser = self._end()
+            raiser = self._end(keep_outcome)
             if raiser is None:
                 raise
             # chained to the driver's error for the stopped statement
@@ -121,7 +147,7 @@ class Blocking:
             if raiser is None:
                 raise
             self._raise(raiser, clean=False)
-        raiser = self._end()
+        raiser = self._end(keep_outcome)
         if raiser is not None:
             self._raise(raiser)
         return result
@@ -139,13 +165,15 @@ class Blocking:
         if raiser is not None:
             self._raise(raiser)
 
-    def _end(self) -> Raiser | None:
+    def _end(self, keep: bool = False) -> Raiser | None:
         """The blocking call is over: no interrupter may start for it any
-        more, and the one fired for it has finished when this returns."""
+        more, and the one fired for it has finished when this returns.
+        ``keep``: the cancellation in force stays for the next await point
+        (None is returned)."""
         with self._lock:
             self._interrupter = None
             fired, self._fired = self._fired, None
-            raiser = self._take()
+            raiser = None if keep else self._take()
         if fired is not None:
             fired.wait()
         return raiser

@@ -62,13 +62,31 @@ CLOSE_TIMEOUT = 2.0
 CLOSER_THREAD_NAME = "sqla-anyio-shim-loop-closer"
 
 
+class _ConnectionEventLoop(asyncio.SelectorEventLoop):
+    """A connection's loop.  A driver's own thread (aiosqlite's) completes
+    its futures with ``call_soon_threadsafe``; when a task was cancelled and
+    its connection terminated, the loop may be closed before that thread's
+    call ends -- the completion then has nobody left to reach (on
+    greenlet's loop, which outlives the connection, it is dropped by the
+    cancelled future) and is dropped here too, instead of raising in the
+    driver's thread."""
+
+    def call_soon_threadsafe(self, callback: Any, *args: Any, context: Any = None) -> Any:
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
+
 class DriverLoop:
     """The private event loop of one driver connection."""
 
     __slots__ = ("__weakref__", "_lock", "closed", "loop")
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = _ConnectionEventLoop()
         # held while a thread runs the loop: two at once is a connection
         # shared between tasks outside SQLAlchemy's rules
         self._lock = threading.Lock()
@@ -95,11 +113,17 @@ class DriverLoop:
             release_slot(call)
         run = _Run(self, awaitable)
         try:
-            return call.blocking().run(run.interrupt, run.run, ())
+            return call.blocking().run(run.interrupt, run.run, (), keep_outcome=True)
         finally:
             if not run.started:
-                # a cancellation raised at the call's start: never awaited
-                safe_close(awaitable)
+                # run() failed before it started the awaitable (two threads
+                # on one connection): never awaited (a task made for it on
+                # this loop -- asyncio.shield()'s -- is cancelled, and
+                # finishes when the loop next runs)
+                if isinstance(awaitable, asyncio.Future):
+                    awaitable.cancel()
+                else:
+                    safe_close(awaitable)
 
     def run_here(self, awaitable: Awaitable[Any]) -> Any:
         """Run ``awaitable`` on this loop in the calling thread, outside any
@@ -222,7 +246,8 @@ class _Run:
                 self.task = task
                 cancelled = self.cancelled
             if cancelled:
-                task.cancel()
+                # after its first step: cancelled at its first suspension
+                loop.call_soon(task.cancel)
             return loop.run_until_complete(task)
         finally:
             _set_running_loop(previous)

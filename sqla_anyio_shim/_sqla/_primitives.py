@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _bridge
+from .._bridge import _driver_loop
 from .._bridge._wakeups import (
     _abandon,
     _deadline,
@@ -381,6 +382,11 @@ class AsyncioProxy(types.ModuleType):
         return getattr(asyncio, name)
 
     def shield(self, awaitable: Any) -> Any:
+        if _driver_loop.current() is not None:
+            # in a method of a connection with a loop of its own, which is
+            # this thread's running loop for now: the real shield, a task on
+            # that loop (as on greenlet's loop thread), awaited there
+            return asyncio.shield(awaitable)
         if _bridge.in_greenlet():
             return _shielded(awaitable)
         return asyncio.shield(awaitable)

@@ -1,0 +1,257 @@
+"""Async drivers inside the workers (``install(driver_loops=...)``): each
+driver connection on an event loop of its own, run by the worker.
+
+On every async driver -- aiosqlite (embedded), asyncpg and psycopg on
+PostgreSQL, aiomysql and asyncmy on MariaDB -- under trio (where the mode
+is the default and the only way an asyncio driver runs) and under asyncio
+with the mode forced on:
+
+* an ORM workload of 200 tasks with random deadlines, its counts checked
+  against the database (no lost commit, no row from a task cancelled
+  before its commit, nothing checked out);
+* a connection's loop is closed with the connection: after dispose no
+  driver loop is open and no descriptor or thread is left; a connection
+  dropped unclosed is closed by the collector;
+* misuse is refused clearly: an adapter method outside the bridge
+  (MissingGreenlet), an asyncio driver under trio with the mode off.
+
+The scenarios against real servers with deadlines on running statements
+(the server stops, the pool gets the connection back) run in every mode
+in tests/test_databases.py.  A server that cannot be reached skips its
+tests, unless ``CI=true``, where it fails them.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import threading
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import Integer, String, exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool
+
+import sqla_anyio_shim
+from sqla_anyio_shim._bridge import _driver_loop
+
+from .conftest import wait_until
+from .test_databases import CONNECT_TIMEOUT, IN_CI, MYSQL_URL, PG_URL
+from .test_sqlalchemy import _cancelling_orm_workload
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
+
+#: driver -> (URL, module)
+DRIVERS = {
+    "aiosqlite": (None, "aiosqlite"),
+    "asyncpg": (make_url(PG_URL).set(drivername="postgresql+asyncpg"), "asyncpg"),
+    "psycopg_async": (make_url(PG_URL).set(drivername="postgresql+psycopg_async"), "psycopg"),
+    "aiomysql": (make_url(MYSQL_URL).set(drivername="mysql+aiomysql"), "aiomysql"),
+    "asyncmy": (make_url(MYSQL_URL).set(drivername="mysql+asyncmy"), "asyncmy"),
+}
+
+#: (backend, install()'s driver_loops): trio's default, and asyncio forced
+MODES = [
+    pytest.param(("trio", None), id="trio"),
+    pytest.param(("asyncio", True), id="asyncio-driver_loops"),
+]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class LoopItem(Base):
+    __tablename__ = "shim_driver_loop_items"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+@pytest.fixture(params=MODES)
+def anyio_backend(request: Any) -> Iterator[str]:
+    backend, driver_loops = request.param
+    sqla_anyio_shim.install(driver_loops=driver_loops)
+    try:
+        yield backend
+    finally:
+        sqla_anyio_shim.install()
+
+
+def _open_loops() -> list[Any]:
+    gc.collect()
+    return [
+        o for o in gc.get_objects() if isinstance(o, _driver_loop.DriverLoop) and not o.closed
+    ]
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(params=list(DRIVERS))
+async def url(request: Any, tmp_path: Any) -> AsyncIterator[Any]:
+    """The driver's URL, its server checked to be reachable."""
+    name = request.param
+    base, module = DRIVERS[name]
+    if importlib.util.find_spec(module) is None:
+        message = f"driver {name} ({module}) is not installed"
+        if IN_CI:
+            pytest.fail(f"CI=true and {message}", pytrace=False)
+        pytest.skip(message)
+    if base is None:
+        yield f"sqlite+aiosqlite:///{tmp_path / 'loops.db'}"
+        return
+    probe = create_async_engine(base, poolclass=NullPool)
+    try:
+        with anyio.fail_after(CONNECT_TIMEOUT):
+            async with probe.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+    except (OSError, TimeoutError, sa_exc.DBAPIError) as err:
+        message = f"server for {name} unreachable: {type(err).__name__}: {err}".splitlines()[0]
+        if IN_CI:
+            pytest.fail(f"CI=true and {message}", pytrace=False)
+        pytest.skip(message)
+    finally:
+        await probe.dispose()
+    yield base
+
+
+async def test_cancelled_workload_counts(anyio_backend: str, url: Any) -> None:
+    """200 tasks, a quarter under random deadlines, on a pool of 10."""
+    eng = create_async_engine(url, pool_size=10, max_overflow=0, pool_timeout=60)
+    try:
+        with anyio.fail_after(60):
+            async with eng.begin() as conn:
+                await conn.run_sync(Base.metadata.drop_all)
+                await conn.run_sync(Base.metadata.create_all)
+        counts = await _cancelling_orm_workload(eng, LoopItem, seed=18, max_timeout=0.05)
+        assert counts["committed"] > 0
+        assert _driver_loop.in_use
+    finally:
+        with anyio.fail_after(60):
+            async with eng.begin() as conn:
+                await conn.run_sync(Base.metadata.drop_all)
+            await eng.dispose()
+
+
+async def test_loops_closed_with_their_connections(anyio_backend: str, url: Any) -> None:
+    """Every connection's loop is closed by dispose (and an unclosed one by
+    the collector): no open loop, no descriptor, no thread left."""
+    threads_before = {t.ident for t in threading.enumerate()}
+    fds_before = _fds()
+    loops_before = len(_open_loops())
+    eng = create_async_engine(url, pool_size=3, max_overflow=2)
+    with anyio.fail_after(60):
+
+        async def use() -> None:
+            async with eng.connect() as conn:
+                assert (await conn.execute(sa.text("SELECT 7"))).scalar() == 7
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(use)
+        assert len(_open_loops()) - loops_before >= 1
+        # a connection dropped without close(): the collector hands it back
+        # (SQLAlchemy warns about it, and terminates it -- or, for psycopg,
+        # drops it: the driver's own finalizer closes it and warns too)
+        conn = await eng.connect()
+        await conn.execute(sa.text("SELECT 1"))
+        del conn
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            gc.collect()
+            await eng.dispose()
+            gc.collect()
+        assert any("garbage collector" in str(w.message) for w in seen), [
+            str(w.message) for w in seen
+        ]
+
+    def settled() -> bool:
+        return (
+            len(_open_loops()) == loops_before
+            and _fds() <= fds_before
+            and not [
+                t
+                for t in threading.enumerate()
+                if t.ident not in threads_before and t.name.startswith("sqla-anyio-shim-loop")
+            ]
+        )
+
+    wait_until(settled, 10, "every driver loop, descriptor and closer thread is gone")
+
+
+async def test_adapter_outside_the_bridge_is_refused(anyio_backend: str, url: Any) -> None:
+    """The driver connection's methods called from the event loop, not in
+    sync code the bridge runs: MissingGreenlet, as with greenlet."""
+    eng = create_async_engine(url)
+    try:
+        with anyio.fail_after(30):
+            async with eng.connect() as conn:
+                raw = await conn.get_raw_connection()
+                with pytest.raises(sa_exc.MissingGreenlet, match="greenlet_spawn has not been"):
+                    raw.dbapi_connection.run_async(lambda driver_conn: _a_pass())
+                # and the connection is in order afterwards
+                assert (await conn.execute(sa.text("SELECT 3"))).scalar() == 3
+    finally:
+        await eng.dispose()
+
+
+async def test_run_async_in_sync_code(anyio_backend: str, url: Any) -> None:
+    """``AdaptedConnection.run_async()``, SQLAlchemy's way to await the raw
+    driver connection from sync code (pool events), runs on its loop."""
+    eng = create_async_engine(url)
+    seen: list[Any] = []
+
+    def probe(sync_conn: Any) -> None:
+        adapted = sync_conn.connection.dbapi_connection
+
+        async def driver_type(driver_conn: Any) -> str:
+            await anyio_free_sleep()
+            return type(driver_conn).__name__
+
+        seen.append(adapted.run_async(driver_type))
+
+    try:
+        with anyio.fail_after(30):
+            async with eng.connect() as conn:
+                await conn.run_sync(probe)
+    finally:
+        await eng.dispose()
+    assert seen and isinstance(seen[0], str)
+
+
+async def _a_pass() -> None:
+    return None
+
+
+async def anyio_free_sleep() -> None:
+    """A suspension on the connection's own asyncio loop (where the caller's
+    trio would not do)."""
+    import asyncio
+
+    await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_mode_off_under_trio_fails_clearly(anyio_backend: str, tmp_path: Any) -> None:
+    sqla_anyio_shim.install(driver_loops=False)
+    eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'off.db'}")
+    try:
+        with anyio.fail_after(10):
+            with pytest.raises(
+                sa_exc.InvalidRequestError,
+                match=r"needs an asyncio event loop.*driver_loops=False.*driver_loops=None",
+            ):
+                async with eng.connect() as conn:
+                    await conn.execute(sa.text("select 1"))
+    finally:
+        await eng.dispose()
+        sqla_anyio_shim.install()
