@@ -134,13 +134,19 @@ class Variant:
 
     @property
     def is_async_engine(self) -> bool:
-        return self.kind in ("greenlet", "shim", "shim-sync")
+        return self.kind in ("greenlet", "shim", "shim-loops", "shim-sync")
 
 
 def pair(driver: str, name: str) -> list[Variant]:
     """greenlet and the shim on one async driver (``name``)."""
     g = f"greenlet+{name}"
     return [Variant(g, "greenlet", driver, g), Variant(f"shim+{name}", "shim", driver, g)]
+
+
+def with_driver_loops(variants: list[Variant], driver: str, name: str) -> list[Variant]:
+    """A pair, plus the shim with ``install(driver_loops=True)`` (issue 18:
+    the async driver on a loop of its own in the worker)."""
+    return [*variants, Variant(f"shim-loops+{name}", "shim-loops", driver, variants[0].key)]
 
 
 class Unavailable(Exception):
@@ -161,6 +167,8 @@ def use_implementation(kind: str) -> None:
     parallel = {"on": True, "off": False}.get(os.environ.get("BENCH_SHIM_PARALLEL", ""))
     if kind == "shim":
         sqla_anyio_shim.install(parallel=parallel)
+    elif kind == "shim-loops":
+        sqla_anyio_shim.install(parallel=parallel, driver_loops=True)
     elif kind == "shim-sync":
         try:
             sqla_anyio_shim.install(sync_drivers=True, parallel=parallel)
@@ -170,7 +178,7 @@ def use_implementation(kind: str) -> None:
         # greenlet, and the sync variants, which must not touch the bridge
         sqla_anyio_shim.uninstall()
     shimmed = concurrency.greenlet_spawn is _bridge.greenlet_spawn
-    want = kind in ("shim", "shim-sync")
+    want = kind in ("shim", "shim-loops", "shim-sync")
     assert shimmed == want, (kind, concurrency.greenlet_spawn)
     if kind == "greenlet":
         import greenlet  # noqa: F401  (the greenlet variant needs it)

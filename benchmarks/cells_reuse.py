@@ -6,6 +6,10 @@ ops/s, p50, p99, context switches per select, ``await_()`` calls per
 select (an untimed pass through :class:`~benchmarks._method.HopCounter`).
 In-process, greenlet and shim alternating round by round.
 
+Each async driver is also measured with ``install(driver_loops=True)``
+(``shim-loops+...``, issue 18: the driver's coroutines on a loop of the
+connection's own, in the worker).
+
 The sync-driver cells (issue 17: psycopg, pysqlite) have the same shape
 with the sync driver: ``shim-sync`` (an ``AsyncSession`` over
 ``install(sync_drivers=True)``) against ``to_thread`` (a sync ``Session``
@@ -42,6 +46,7 @@ from ._setup import (
     schema,
     url_for,
     use_implementation,
+    with_driver_loops,
 )
 
 
@@ -56,9 +61,25 @@ def _sync_pair(driver: str, name: str) -> list[Variant]:
 
 # (database, driver name, variants: the first is the baseline)
 REUSE_DRIVERS = [
-    ("postgresql", "asyncpg", pair("postgresql+asyncpg", "asyncpg")),
-    ("postgresql", "psycopg_async", pair("postgresql+psycopg_async", "psycopg_async")),
-    ("sqlite", "aiosqlite", pair("sqlite+aiosqlite", "aiosqlite")),
+    (
+        "postgresql",
+        "asyncpg",
+        with_driver_loops(pair("postgresql+asyncpg", "asyncpg"), "postgresql+asyncpg", "asyncpg"),
+    ),
+    (
+        "postgresql",
+        "psycopg_async",
+        with_driver_loops(
+            pair("postgresql+psycopg_async", "psycopg_async"),
+            "postgresql+psycopg_async",
+            "psycopg_async",
+        ),
+    ),
+    (
+        "sqlite",
+        "aiosqlite",
+        with_driver_loops(pair("sqlite+aiosqlite", "aiosqlite"), "sqlite+aiosqlite", "aiosqlite"),
+    ),
     ("postgresql", "psycopg", _sync_pair("postgresql+psycopg", "psycopg")),
     ("sqlite", "pysqlite", _sync_pair("sqlite+pysqlite", "pysqlite")),
 ]

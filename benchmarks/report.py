@@ -438,6 +438,13 @@ def _reuse_pair(cell: dict[str, Any]) -> tuple[str, str]:
     return keys[0], keys[1]
 
 
+def _reuse_shims(cell: dict[str, Any]) -> list[str]:
+    """Every shim variant of a reuse cell (the hand-off mode, and issue 18's
+    driver loops, ``shim-loops+...``), each compared with the baseline."""
+    keys = cell.get("variants") or [f"greenlet+{cell['driver']}", f"shim+{cell['driver']}"]
+    return list(keys[1:])
+
+
 def _reuse_goal(tasks: int, baseline: str = "greenlet") -> float:
     if baseline.startswith("to_thread"):
         return REUSE_SYNC_GOAL  # issue 17: the same two thread hops per call
@@ -549,28 +556,30 @@ def handoff_goals(groups: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows: list[tuple[str, str, str, str]] = []
     reuse = groups.get("reuse", {}).get("cells", [])
     for c in reuse:
-        g, s = _reuse_pair(c)
-        rows.append(
-            _goal_row(
-                f"reuse: {s}, {c['tasks']:,} task(s): throughput / {g}",
-                _ratio(_s(c, s, "ops_per_s"), _s(c, g, "ops_per_s")),
-                _reuse_goal(c["tasks"], g),
-                False,
+        g, _ = _reuse_pair(c)
+        for s in _reuse_shims(c):
+            rows.append(
+                _goal_row(
+                    f"reuse: {s}, {c['tasks']:,} task(s): throughput / {g}",
+                    _ratio(_s(c, s, "ops_per_s"), _s(c, g, "ops_per_s")),
+                    _reuse_goal(c["tasks"], g),
+                    False,
+                )
             )
-        )
     for drv in dict.fromkeys(c["driver"] for c in reuse):
         mid = [c for c in reuse if c["driver"] == drv and 1 < c["tasks"] <= 100]
         if mid:
             c = max(mid, key=lambda x: x["tasks"])
-            g, s = _reuse_pair(c)
-            rows.append(
-                _goal_row(
-                    f"reuse: {s}, {c['tasks']:,} tasks: p99 latency / {g}",
-                    _ratio(_s(c, s, "p99_us"), _s(c, g, "p99_us")),
-                    REUSE_P99_GOAL,
-                    True,
+            g, _ = _reuse_pair(c)
+            for s in _reuse_shims(c):
+                rows.append(
+                    _goal_row(
+                        f"reuse: {s}, {c['tasks']:,} tasks: p99 latency / {g}",
+                        _ratio(_s(c, s, "p99_us"), _s(c, g, "p99_us")),
+                        REUSE_P99_GOAL,
+                        True,
+                    )
                 )
-            )
     scale = groups.get("scale", {}).get("cells", [])
     if scale:
         c = max(scale, key=lambda x: x["tasks"])
@@ -728,8 +737,8 @@ def render_handoff(data: dict[str, Any]) -> list[str]:
         )
         a("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for c in g["cells"]:
-            base, shim = _reuse_pair(c)
-            for key in (base, shim):
+            base, _ = _reuse_pair(c)
+            for key in (base, *_reuse_shims(c)):
                 s = c["summary"].get(key)
                 if not s:
                     a(
@@ -919,15 +928,17 @@ def handoff_bars(groups: dict[str, Any]) -> list[tuple[str, str, float | None, f
     """(group, label, shim/greenlet ratio with higher = better, goal) per bar."""
     bars: list[tuple[str, str, float | None, float | None]] = []
     for c in groups.get("reuse", {}).get("cells", []):
-        g, s = _reuse_pair(c)
-        bars.append(
-            (
-                "reuse",
-                f"reuse\n{c['driver']}\n{c['tasks']}",
-                _ratio(_s(c, s, "ops_per_s"), _s(c, g, "ops_per_s")),
-                _reuse_goal(c["tasks"], g),
+        g, _ = _reuse_pair(c)
+        for s in _reuse_shims(c):
+            mode = "\nloops" if s.startswith("shim-loops") else ""
+            bars.append(
+                (
+                    "reuse",
+                    f"reuse\n{c['driver']}\n{c['tasks']}{mode}",
+                    _ratio(_s(c, s, "ops_per_s"), _s(c, g, "ops_per_s")),
+                    _reuse_goal(c["tasks"], g),
+                )
             )
-        )
     goals = {(k, t): v for k, t, v in CPU_GOALS}
     short = {
         "shim+aiosqlite": "shim",

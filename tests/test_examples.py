@@ -7,6 +7,7 @@
   ``CI=true``, skips it otherwise); then served by uvicorn under the
   launcher, and its scripted demo, as the README runs them.
 * ``examples/trio_workers.py``: as the README runs it.
+* ``examples/trio_async_drivers.py``: on aiosqlite and asyncpg.
 """
 
 from __future__ import annotations
@@ -312,3 +313,28 @@ def test_trio_workers(tmp_path: Path) -> None:
     assert "monitor: cancelled by the nursery after" in out
     assert "batch within its 60 s budget (move_on_after): yes" in out
     assert out.rstrip().endswith("greenlet imported: no")
+
+
+@pytest.mark.parametrize("driver", ["aiosqlite", "asyncpg"])
+def test_trio_async_drivers(tmp_path: Path, driver: str) -> None:
+    """``python examples/trio_async_drivers.py [URL]``: an asyncio driver
+    under trio (driver loops), its counts checked against the database."""
+    cmd = [sys.executable, str(ROOT / "examples" / "trio_async_drivers.py")]
+    if driver == "asyncpg":
+        from sqlalchemy.engine import make_url
+
+        cmd.append(make_url(PG_URL).set(drivername="postgresql+asyncpg").render_as_string(False))
+    proc = _run(cmd, tmp_path)
+    if driver == "asyncpg" and proc.returncode != 0 and "Connect call failed" in proc.stderr:
+        _unavailable(f"PostgreSQL unreachable at {PG_URL}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert out.startswith(f"trio {trio_version()} + {driver} ")
+    assert "nothing checked out: yes" in out
+    assert out.rstrip().endswith("greenlet imported: no")
+
+
+def trio_version() -> str:
+    import trio
+
+    return str(trio.__version__)

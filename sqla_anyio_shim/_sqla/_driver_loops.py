@@ -56,13 +56,26 @@ def is_adapter_class(cls: type) -> bool:
     return "cursor" in name or name.endswith("_connection") or name == "AsyncAdapt_terminate"
 
 
+_get = object.__getattribute__
+
+
 def _driver_of(adapter: Any) -> Any:
     """The driver loop of an adapter (connection or cursor): None when its
     connection has none; _MISSING when the adapter does not know its
-    connection yet."""
+    connection yet.  Its own attributes only: some adapters forward the
+    rest to the driver's object (``__getattr__``), and a lookup through it
+    before ``__init__`` has set that object recurses."""
     try:
-        connection = adapter._connection
+        return _driver_loop.loop_of(_get(adapter, "_connection"))
     except AttributeError:
+        pass
+    try:
+        # 2.0's psycopg cursors know only the driver's cursor
+        cursor = _get(adapter, "_cursor")
+    except AttributeError:
+        return _MISSING
+    connection = getattr(cursor, "connection", None)
+    if connection is None:
         return _MISSING
     return _driver_loop.loop_of(connection)
 
@@ -319,7 +332,13 @@ def wrap_connect(original: Any) -> Any:
         try:
             with _driver_loop.scope(driver):
                 connection = original(self, *cargs, **cparams)
-            target = getattr(connection, "_connection", connection)
+            target = getattr(connection, "_connection", None)
+            if target is None:
+                # not an async driver's adapter (a sync DBAPI behind an
+                # is_async dialect, as SQLAlchemy's TextSyncDBAPI tests
+                # make): nothing of it runs on a loop
+                driver.close()
+                return connection
             if not _bridge.attach_driver_loop(target, driver):
                 with _driver_loop.scope(driver):
                     connection.close()

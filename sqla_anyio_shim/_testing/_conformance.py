@@ -515,6 +515,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["off", "auto", "on"],
         help="run the shim suite with install(parallel=...) (default: install()'s)",
     )
+    parser.add_argument(
+        "--driver-loops",
+        choices=["off", "auto", "on"],
+        help="run the shim suite with install(driver_loops=...): async drivers on "
+        "event loops of their own in the workers (default: install()'s)",
+    )
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args(argv)
 
@@ -537,10 +543,16 @@ def main(argv: list[str] | None = None) -> int:
     shim_env, _ = make_env("shim", version, driver, cache, _project_dir())
     rows: list[RunResult] = []
     mode = ""
+    options = []
     if args.parallel is not None:
+        options.append(f"--parallel {args.parallel}")
+        mode += f", parallel {args.parallel}"
+    if args.driver_loops is not None:
+        options.append(f"--driver-loops {args.driver_loops}")
+        mode += f", driver loops {args.driver_loops}"
+    if options:
         # read by the plugin's install() (sqla_anyio_shim.pytest_plugin)
-        os.environ["SQLA_ANYIO_SHIM_OPTIONS"] = f"--parallel {args.parallel}"
-        mode = f", parallel {args.parallel}"
+        os.environ["SQLA_ANYIO_SHIM_OPTIONS"] = " ".join(options)
     for i in range(args.repeat):
         label = f"shim (no greenlet{mode})" + (f" #{i + 1}" if args.repeat > 1 else "")
         rows.append(
