@@ -87,9 +87,7 @@ def anyio_backend(request: Any) -> Iterator[str]:
 
 def _open_loops() -> list[Any]:
     gc.collect()
-    return [
-        o for o in gc.get_objects() if isinstance(o, _driver_loop.DriverLoop) and not o.closed
-    ]
+    return [o for o in gc.get_objects() if isinstance(o, _driver_loop.DriverLoop) and not o.closed]
 
 
 def _fds() -> int:

@@ -47,6 +47,7 @@ from ._call import (
     safe_close as safe_close,
     sqlalchemy_exc as sqlalchemy_exc,
 )
+from ._driver_loop import DriverLoop as DriverLoop
 from ._entry import (
     all_tasks as all_tasks,
     await_ as await_,
@@ -66,12 +67,6 @@ from ._entry import (
     run_blocking as run_blocking,
     run_on_loop_thread as run_on_loop_thread,
     set_missing_greenlet_message as set_missing_greenlet_message,
-)
-from ._driver_loop import (
-    DriverLoop as DriverLoop,
-    attach as attach_driver_loop,
-    loop_of as driver_loop_of,
-    scope as driver_scope,
 )
 from ._host import Gate as Gate, set_await_hook as set_await_hook, set_gate as set_gate
 from ._stats import call_stats as call_stats

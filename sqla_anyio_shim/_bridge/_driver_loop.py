@@ -71,13 +71,17 @@ class _ConnectionEventLoop(asyncio.SelectorEventLoop):
     cancelled future) and is dropped here too, instead of raising in the
     driver's thread."""
 
-    def call_soon_threadsafe(self, callback: Any, *args: Any, context: Any = None) -> Any:
+    def call_soon_threadsafe(  # type: ignore[override]
+        self, callback: Any, *args: Any, context: Any = None
+    ) -> asyncio.Handle:
         try:
             return super().call_soon_threadsafe(callback, *args, context=context)
         except RuntimeError:
-            if self.is_closed():
-                return None
-            raise
+            if not self.is_closed():
+                raise
+            handle = asyncio.Handle(callback, args, self, context)
+            handle.cancel()
+            return handle
 
 
 class DriverLoop:

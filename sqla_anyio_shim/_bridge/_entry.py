@@ -86,7 +86,7 @@ def await_(awaitable: Awaitable[_T]) -> _T:
     driver = getattr(_local, "driver", None)
     if driver is not None:
         # a method of a connection with a loop of its own (_driver_loop)
-        return driver.run(call, awaitable)
+        return cast(_T, driver.run(call, awaitable))
     return call.switch(awaitable)  # type: ignore[no-any-return]
 
 

@@ -339,7 +339,7 @@ def wrap_connect(original: Any) -> Any:
                 # make): nothing of it runs on a loop
                 driver.close()
                 return connection
-            if not _bridge.attach_driver_loop(target, driver):
+            if not _driver_loop.attach(target, driver):
                 with _driver_loop.scope(driver):
                     connection.close()
                 raise _bridge.sqlalchemy_exc().InvalidRequestError(
