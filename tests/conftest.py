@@ -9,6 +9,7 @@ import importlib.util
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -71,6 +72,19 @@ def no_busy_workers() -> Iterator[None]:
     gc.collect()
     busy = _workers.pool.busy
     assert busy == 0, f"{busy} worker thread(s) still busy after the test"
+
+
+@contextmanager
+def driver_loop_mode(param: tuple[str, bool | None]) -> Iterator[str]:
+    """(backend, install()'s driver_loops): the shim installed in that mode
+    while the test runs, the defaults again afterwards; yields the backend
+    (for an ``anyio_backend`` fixture)."""
+    backend, driver_loops = param
+    sqla_anyio_shim.install(driver_loops=driver_loops)
+    try:
+        yield backend
+    finally:
+        sqla_anyio_shim.install()
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, what: str = "") -> None:

@@ -35,7 +35,7 @@ import os
 import threading
 import tracemalloc
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -46,6 +46,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import sqla_anyio_shim
+
+from .conftest import driver_loop_mode
 
 # the same host variables as tox.ini's conformance environments
 PG_URL = os.environ.get(
@@ -103,13 +105,9 @@ if os.environ.get("SQLA_SHIM_DB_MODES") == "all":
 
 
 @pytest.fixture(params=MODES)
-def anyio_backend(request: Any) -> Any:
-    backend, driver_loops = request.param
-    sqla_anyio_shim.install(driver_loops=driver_loops)
-    try:
+def anyio_backend(request: Any) -> Iterator[str]:
+    with driver_loop_mode(request.param) as backend:
         yield backend
-    finally:
-        sqla_anyio_shim.install()
 
 
 class DB:

@@ -43,7 +43,7 @@ from sqlalchemy.pool import NullPool
 import sqla_anyio_shim
 from sqla_anyio_shim._bridge import _driver_loop
 
-from .conftest import wait_until
+from .conftest import driver_loop_mode, wait_until
 from .test_databases import CONNECT_TIMEOUT, IN_CI, MYSQL_URL, PG_URL
 from .test_sqlalchemy import _cancelling_orm_workload
 
@@ -77,12 +77,8 @@ class LoopItem(Base):
 
 @pytest.fixture(params=MODES)
 def anyio_backend(request: Any) -> Iterator[str]:
-    backend, driver_loops = request.param
-    sqla_anyio_shim.install(driver_loops=driver_loops)
-    try:
+    with driver_loop_mode(request.param) as backend:
         yield backend
-    finally:
-        sqla_anyio_shim.install()
 
 
 def _open_loops() -> list[Any]:
