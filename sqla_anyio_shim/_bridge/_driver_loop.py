@@ -17,13 +17,17 @@ there runs on it (:meth:`DriverLoop.run`).  Every other await point (the
 pool's queue, the user's awaitables, a connection made in the hand-off
 mode) still goes to the host.
 
-A driver call is a blocking call of the sync code (``_blocking``), so a
-cancellation of the task reaches it exactly as it reaches a sync driver's
-statement: caught before the call, it is raised at its start; caught while
-it runs, the *interrupter* cancels the private task from another thread
+A driver call is a blocking call of the sync code (``_blocking``, with
+``keep_outcome``): caught while it runs, a cancellation of the task makes
+the *interrupter* cancel the private task from another thread
 (``call_soon_threadsafe``) -- the driver's coroutine sees ``CancelledError``
 at its suspension, as under greenlet, and does its own clean-up (asyncpg's
 cancel request) -- and the backend's cancellation is raised when it ends.
+Caught before the call began, it starts the coroutine and cancels it at its
+first suspension, where greenlet's task would have had it.  An outcome the
+coroutine reached before the cancellation reached it is kept, and the
+cancellation left for the next await point (a new connection must not be
+dropped).
 
 A connection's loop is run by one thread at a time: by the worker of the
 task that holds the connection (SQLAlchemy's rule: one task per
