@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
+import sys
 import threading
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -61,7 +62,16 @@ DRIVERS = {
 #: (backend, install()'s driver_loops): trio's default, and asyncio forced
 MODES = [
     pytest.param(("trio", None), id="trio"),
-    pytest.param(("asyncio", True), id="asyncio-driver_loops"),
+    # on Python 3.14+ an asyncio host does not use driver loops (a known
+    # limitation: they hang there; the shim falls back to the hand-off)
+    pytest.param(
+        ("asyncio", True),
+        id="asyncio-driver_loops",
+        marks=pytest.mark.skipif(
+            sys.version_info >= (3, 14),
+            reason="driver loops on an asyncio host hang on 3.14+ (known limitation, issue 18)",
+        ),
+    ),
 ]
 
 

@@ -11,6 +11,7 @@ the worker, ``await_()`` hands each awaitable back to that host
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -18,7 +19,7 @@ from .. import _options
 from . import _asyncio, _host, _trio
 from ._call import _local, safe_close, sqlalchemy_exc
 from ._driver_loop import DriverLoop
-from ._loop_proxy import _OnLoop
+from ._loop_proxy import _LoopProxy, _OnLoop
 
 _T = TypeVar("_T")
 
@@ -140,8 +141,18 @@ def current_task(loop: asyncio.AbstractEventLoop | None = None) -> Any:
     on it)."""
     call = getattr(_local, "call", None)
     if call is not None and call.loop is not None and (loop is None or loop is call.loop):
+        if loop is None and _in_driver_loop():
+            # a driver connection's own loop runs here (_driver_loop): its
+            # task is current (asyncio.timeout() inside the driver needs it)
+            return _current_task()
         return call.task
     return _current_task(loop)
+
+
+def _in_driver_loop() -> bool:
+    """Whether this worker thread is running a driver connection's loop."""
+    running = asyncio._get_running_loop()
+    return running is not None and running.is_running() and not isinstance(running, _LoopProxy)
 
 
 def all_tasks(loop: asyncio.AbstractEventLoop | None = None) -> set[asyncio.Task[Any]]:
@@ -151,6 +162,8 @@ def all_tasks(loop: asyncio.AbstractEventLoop | None = None) -> set[asyncio.Task
     registry is the loop's, not thread-safe), which costs a hop."""
     call = getattr(_local, "call", None)
     if call is not None and call.loop is not None and (loop is None or loop == call.loop):
+        if loop is None and _in_driver_loop():
+            return _all_tasks()
         return cast("set[asyncio.Task[Any]]", call.switch(_OnLoop(_all_tasks, (call.loop,), {})))
     return _all_tasks(loop)
 
@@ -222,6 +235,12 @@ def driver_loops_in_force() -> bool:
     if call is None:
         return False
     mode = _options.current.driver_loops
+    if call.loop is not None and sys.version_info >= (3, 14):
+        # KNOWN LIMITATION (issue 18): on an asyncio host on Python 3.14+ a
+        # driver connection's loop run in a worker hangs (asyncpg's connect
+        # never completes; not yet understood).  The hand-off mode is used
+        # there instead, whatever driver_loops says; trio is unaffected.
+        return False
     return mode is True or (mode is None and call.loop is None)
 
 

@@ -337,7 +337,7 @@ def place(call: _Call, slot: Slot | None) -> None:
     # async driver's on its connections' own loops (_driver_loop)
     sync_driver = slot is not None and (
         slot.sync_driver
-        or settings.driver_loops is True
+        or (settings.driver_loops is True and (call.loop is None or sys.version_info < (3, 14)))
         or (settings.driver_loops is None and call.loop is None)
     )
     parallel = settings.parallel
