@@ -43,8 +43,7 @@ import asyncio
 import logging
 import threading
 import weakref
-from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable
 from typing import Any
 
 from ._call import _Call, _local, safe_close
@@ -172,30 +171,33 @@ class DriverLoop:
                 return
             self.closed = True
             loop = self.loop
-            previous = _get_running_loop()
-            _set_running_loop(None)
             try:
-                # what the driver left running is let finish first (asyncpg's
-                # cancel request of a statement cancelled by a deadline: the
-                # server must still get it), then cancelled
-                tasks = [task for task in _all_tasks(loop) if not task.done()]
-                if tasks:
-                    loop.run_until_complete(asyncio.wait(tasks, timeout=CLOSE_TIMEOUT))
-                    tasks = [task for task in tasks if not task.done()]
-                    for task in tasks:
-                        task.cancel()
-                    if tasks:
-                        loop.run_until_complete(asyncio.wait(tasks, timeout=CLOSE_TIMEOUT))
-                # the callbacks pending: a transport's connection_lost, ...
-                loop.run_until_complete(_pass_twice())
-                loop.run_until_complete(loop.shutdown_asyncgens())
+                with _NoRunningLoop():
+                    self._finish(loop)
             except BaseException:
                 _log.exception("sqla-anyio-shim: closing a driver connection's loop failed")
             finally:
-                _set_running_loop(previous)
                 loop.close()
         finally:
             self._lock.release()
+
+    @staticmethod
+    def _finish(loop: asyncio.AbstractEventLoop) -> None:
+        """The closing loop's last runs (see :meth:`close`)."""
+        # what the driver left running is let finish first (asyncpg's
+        # cancel request of a statement cancelled by a deadline: the
+        # server must still get it), then cancelled
+        tasks = [task for task in _all_tasks(loop) if not task.done()]
+        if tasks:
+            loop.run_until_complete(asyncio.wait(tasks, timeout=CLOSE_TIMEOUT))
+            tasks = [task for task in tasks if not task.done()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.wait(tasks, timeout=CLOSE_TIMEOUT))
+        # the callbacks pending: a transport's connection_lost, ...
+        loop.run_until_complete(_pass_twice())
+        loop.run_until_complete(loop.shutdown_asyncgens())
 
 
 # the real one, bound before install() replaces asyncio.all_tasks (with
@@ -203,15 +205,28 @@ class DriverLoop:
 _all_tasks = asyncio.all_tasks
 
 
+class _NoRunningLoop:
+    """While a loop runs here: this thread's running loop (the driver
+    scope's, a worker's loop proxy, the host's own on its thread) is
+    unset, as ``run_until_complete`` requires, and restored after."""
+
+    __slots__ = ("previous",)
+
+    def __enter__(self) -> None:
+        self.previous = _get_running_loop()
+        _set_running_loop(None)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        _set_running_loop(self.previous)
+
+
 def _run_detached(awaitable: Awaitable[Any]) -> Any:
     """Run ``awaitable`` on a short-lived loop in this thread."""
     loop = asyncio.new_event_loop()
-    previous = _get_running_loop()
-    _set_running_loop(None)
     try:
-        return loop.run_until_complete(awaitable)
+        with _NoRunningLoop():
+            return loop.run_until_complete(awaitable)
     finally:
-        _set_running_loop(previous)
         loop.close()
 
 
@@ -244,21 +259,19 @@ class _Run:
                 "Session) per task, or keep the engine atomic with "
                 "sqla_anyio_shim.keep_atomic(engine)"
             )
-        previous = _get_running_loop()
-        _set_running_loop(None)
         try:
-            self.started = True
-            awaitable, self.awaitable = self.awaitable, None
-            task = asyncio.ensure_future(awaitable, loop=loop)
-            with self.lock:
-                self.task = task
-                cancelled = self.cancelled
-            if cancelled:
-                # after its first step: cancelled at its first suspension
-                loop.call_soon(task.cancel)
-            return loop.run_until_complete(task)
+            with _NoRunningLoop():
+                self.started = True
+                awaitable, self.awaitable = self.awaitable, None
+                task = asyncio.ensure_future(awaitable, loop=loop)
+                with self.lock:
+                    self.task = task
+                    cancelled = self.cancelled
+                if cancelled:
+                    # after its first step: cancelled at its first suspension
+                    loop.call_soon(task.cancel)
+                return loop.run_until_complete(task)
         finally:
-            _set_running_loop(previous)
             owner._lock.release()
 
     def interrupt(self) -> None:
@@ -280,28 +293,30 @@ def current() -> DriverLoop | None:
     return getattr(_local, "driver", None)
 
 
-@contextmanager
-def scope(driver: DriverLoop | None) -> Iterator[None]:
+class scope:  # lower case: used as a function, ``with scope(driver):``
     """While an adapter method of a connection whose loop is ``driver``
     runs: its ``await_()`` go to ``driver`` (None: to the host), and the
     sync code's running loop is that loop (``asyncio.shield()`` or
     ``asyncio.get_event_loop()`` in the adapter's sync code make tasks and
-    futures for it)."""
-    previous = getattr(_local, "driver", None)
-    _local.driver = driver
-    if driver is None:
-        try:
-            yield
-        finally:
-            _local.driver = previous
-        return
-    previous_loop = _get_running_loop()
-    _set_running_loop(driver.loop)
-    try:
-        yield
-    finally:
-        _set_running_loop(previous_loop)
-        _local.driver = previous
+    futures for it).  A class, not a generator: it is on every adapter
+    call's path."""
+
+    __slots__ = ("driver", "previous", "previous_loop")
+
+    def __init__(self, driver: DriverLoop | None) -> None:
+        self.driver = driver
+
+    def __enter__(self) -> None:
+        self.previous = getattr(_local, "driver", None)
+        _local.driver = driver = self.driver
+        if driver is not None:
+            self.previous_loop = _get_running_loop()
+            _set_running_loop(driver.loop)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.driver is not None:
+            _set_running_loop(self.previous_loop)
+        _local.driver = self.previous
 
 
 # -- the loops of driver connections ----------------------------------------

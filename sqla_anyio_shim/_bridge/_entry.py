@@ -11,7 +11,6 @@ the worker, ``await_()`` hands each awaitable back to that host
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -229,19 +228,9 @@ def current_loop_of_worker() -> Any:
 
 def driver_loops_in_force() -> bool:
     """Whether a driver connection made now, in this worker, gets a loop of
-    its own (``install(driver_loops=...)``: on, or auto under trio, whose
-    host no asyncio driver could use)."""
+    its own (_host.driver_loops_on)."""
     call = getattr(_local, "call", None)
-    if call is None:
-        return False
-    mode = _options.current.driver_loops
-    if call.loop is not None and sys.version_info >= (3, 14):
-        # KNOWN LIMITATION (issue 18): on an asyncio host on Python 3.14+ a
-        # driver connection's loop run in a worker hangs (asyncpg's connect
-        # never completes; not yet understood).  The hand-off mode is used
-        # there instead, whatever driver_loops says; trio is unaffected.
-        return False
-    return mode is True or (mode is None and call.loop is None)
+    return call is not None and _host.driver_loops_on(_options.current, call.loop)
 
 
 def new_driver_loop() -> DriverLoop:

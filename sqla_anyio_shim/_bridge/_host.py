@@ -309,6 +309,22 @@ def _start(call: _Call, worker: Any) -> None:
         worker.resubmit(call.run, lambda: call.thread_id != 0)
 
 
+def driver_loops_on(settings: _options.Settings, host_loop: Any) -> bool:
+    """Whether async drivers' connections get loops of their own
+    (``install(driver_loops=...)``) for a call whose host runs the asyncio
+    loop ``host_loop`` (None: trio): on, or auto under trio, whose host no
+    asyncio driver could use.
+
+    KNOWN LIMITATION (issue 18): on an asyncio host on Python 3.14+ a
+    driver connection's loop run in a worker hangs (asyncpg's connect never
+    completes; not yet understood), so the hand-off mode is used there
+    instead, whatever driver_loops says; trio is unaffected."""
+    if host_loop is not None and sys.version_info >= (3, 14):
+        return False
+    mode = settings.driver_loops
+    return mode is True or (mode is None and host_loop is None)
+
+
 def place(call: _Call, slot: Slot | None) -> None:
     """Decide how the host waits for ``call``'s worker: blocking the loop
     for up to ``handoff_timeout`` (greenlet's atomicity: no other task runs
@@ -335,11 +351,7 @@ def place(call: _Call, slot: Slot | None) -> None:
         return
     # the engine's driver I/O runs in the worker: a sync driver's, or an
     # async driver's on its connections' own loops (_driver_loop)
-    sync_driver = slot is not None and (
-        slot.sync_driver
-        or (settings.driver_loops is True and (call.loop is None or sys.version_info < (3, 14)))
-        or (settings.driver_loops is None and call.loop is None)
-    )
+    sync_driver = slot is not None and (slot.sync_driver or driver_loops_on(settings, call.loop))
     parallel = settings.parallel
     if parallel is None:
         # auto; an explicit handoff_timeout=None asks for greenlet's full

@@ -97,6 +97,15 @@ def _driver_of_argument(obj: Any) -> Any:
     return _MISSING
 
 
+def _call_in(driver: Any, fn: Any, self: Any, args: Any, kwargs: Any) -> Any:
+    """``fn(self, *args, **kwargs)`` in ``driver``'s scope (_MISSING: in the
+    caller's)."""
+    if driver is _MISSING or driver is getattr(_local, "driver", None):
+        return fn(self, *args, **kwargs)
+    with _driver_loop.scope(driver):
+        return fn(self, *args, **kwargs)
+
+
 def _scoped(fn: Any, resolve: Any) -> Any:
     """``fn`` run in the driver scope ``resolve(first argument)`` names."""
 
@@ -104,15 +113,7 @@ def _scoped(fn: Any, resolve: Any) -> Any:
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not _driver_loop.in_use:
             return fn(self, *args, **kwargs)
-        driver = resolve(self)
-        if driver is _MISSING:
-            return fn(self, *args, **kwargs)
-        local = _local
-        previous = getattr(local, "driver", None)
-        if driver is previous:
-            return fn(self, *args, **kwargs)
-        with _driver_loop.scope(driver):
-            return fn(self, *args, **kwargs)
+        return _call_in(resolve(self), fn, self, args, kwargs)
 
     return wrapper
 
@@ -160,15 +161,15 @@ def _closing(fn: Any) -> Any:
     """A connection adapter's ``close()``: its loop is closed once it has
     closed (a close that failed leaves the loop to ``terminate()``, which
     the pool calls next, or to the finalizer)."""
-    scoped = _scoped(fn, _driver_of)
 
     @functools.wraps(fn)
     def close(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = scoped(self, *args, **kwargs)
-        if _driver_loop.in_use:
-            driver = _driver_of(self)
-            if isinstance(driver, _bridge.DriverLoop):
-                driver.close()
+        if not _driver_loop.in_use:
+            return fn(self, *args, **kwargs)
+        driver = _driver_of(self)
+        result = _call_in(driver, fn, self, args, kwargs)
+        if isinstance(driver, _bridge.DriverLoop):
+            driver.close()
         return result
 
     return close
@@ -181,7 +182,6 @@ def _terminating(fn: Any) -> Any:
     trio).  A trio cancellation raised at the graceful close force-closes
     here, then propagates.  The loop is closed afterwards, whatever
     happened."""
-    scoped = _scoped(fn, _driver_of)
 
     @functools.wraps(fn)
     def terminate(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -189,7 +189,7 @@ def _terminating(fn: Any) -> Any:
             return fn(self, *args, **kwargs)
         driver = _driver_of(self)
         try:
-            return scoped(self, *args, **kwargs)
+            return _call_in(driver, fn, self, args, kwargs)
         except BaseException as exc:
             if isinstance(driver, _bridge.DriverLoop) and _is_foreign_cancellation(exc):
                 self._terminate_force_close()
@@ -234,12 +234,9 @@ def _scoped_result(fn: Any) -> Any:
 
         @functools.wraps(hook)
         def connect(conn: Any, *a: Any, **kw: Any) -> Any:
-            if _driver_loop.in_use:
-                driver = _driver_of_argument(conn)
-                if driver is not _MISSING:
-                    with _driver_loop.scope(driver):
-                        return hook(conn, *a, **kw)
-            return hook(conn, *a, **kw)
+            if not _driver_loop.in_use:
+                return hook(conn, *a, **kw)
+            return _call_in(_driver_of_argument(conn), hook, conn, a, kw)
 
         return connect
 
@@ -251,18 +248,16 @@ def _scoped_by_argument(fn: Any) -> Any:
 
     @functools.wraps(fn)
     def method(self: Any, connection: Any, *args: Any, **kwargs: Any) -> Any:
-        if _driver_loop.in_use:
-            driver = _driver_of_argument(connection)
-            if driver is not _MISSING:
-                with _driver_loop.scope(driver):
-                    return fn(self, connection, *args, **kwargs)
-        return fn(self, connection, *args, **kwargs)
+        if not _driver_loop.in_use:
+            return fn(self, connection, *args, **kwargs)
+        driver = _driver_of_argument(connection)
+        return _call_in(driver, fn, self, (connection, *args), kwargs)
 
     return method
 
 
 def _wrapped(value: Any) -> bool:
-    return hasattr(value, "__wrapped__") and getattr(value, "_sqla_anyio_shim_scoped", False)
+    return bool(getattr(value, "_sqla_anyio_shim_scoped", False))
 
 
 def _mark(fn: Any) -> Any:
