@@ -26,7 +26,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
-import sys
 import threading
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -62,16 +61,7 @@ DRIVERS = {
 #: (backend, install()'s driver_loops): trio's default, and asyncio forced
 MODES = [
     pytest.param(("trio", None), id="trio"),
-    # on Python 3.14+ an asyncio host does not use driver loops (a known
-    # limitation: they hang there; the shim falls back to the hand-off)
-    pytest.param(
-        ("asyncio", True),
-        id="asyncio-driver_loops",
-        marks=pytest.mark.skipif(
-            sys.version_info >= (3, 14),
-            reason="driver loops on an asyncio host hang on 3.14+ (known limitation, issue 18)",
-        ),
-    ),
+    pytest.param(("asyncio", True), id="asyncio-driver_loops"),
 ]
 
 
@@ -259,3 +249,41 @@ async def test_mode_off_under_trio_fails_clearly(anyio_backend: str, tmp_path: A
     finally:
         await eng.dispose()
         sqla_anyio_shim.install()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_loop_run_on_the_host_thread_keeps_the_host_task(anyio_backend: str) -> None:
+    """``DriverLoop.run_here()`` -- a connection's loop run on the host's
+    loop thread, inside a running host task (``AsyncResult``'s soft close
+    of a buffered cursor does so).  Since Python 3.14 asyncio keeps the
+    running task per thread: the driver's task must be entered with the
+    host's set aside (it raised "Cannot enter into task ... while another
+    task ... is being executed" and the run never ended), and the host's
+    task must be the current one again after."""
+    import asyncio
+
+    host_task = asyncio.current_task()
+    driver = _driver_loop.DriverLoop()
+    seen: list[Any] = []
+
+    async def on_the_driver_loop() -> str:
+        await asyncio.sleep(0)  # a real suspension on the driver's loop
+        seen.append((asyncio.get_running_loop(), asyncio.current_task()))
+        return "done"
+
+    # a hang must fail, not stall the run: the watchdog stops the driver's
+    # loop from another thread after 10 s (run_here then raises "Event loop
+    # stopped before Future completed")
+    watchdog = threading.Timer(10, lambda: driver.loop.call_soon_threadsafe(driver.loop.stop))
+    watchdog.start()
+    try:
+        assert driver.run_here(on_the_driver_loop()) == "done"
+    finally:
+        watchdog.cancel()
+        driver.close()
+    ((loop, task),) = seen
+    assert loop is driver.loop and task is not None and task is not host_task
+    assert asyncio.current_task() is host_task
+    assert asyncio.get_running_loop() is host_task.get_loop()
+    # closed from the loop thread: by a closer thread, soon
+    wait_until(driver.loop.is_closed, 10, "the driver loop closed")

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import weakref
 from collections.abc import Awaitable
@@ -208,16 +209,38 @@ _all_tasks = asyncio.all_tasks
 class _NoRunningLoop:
     """While a loop runs here: this thread's running loop (the driver
     scope's, a worker's loop proxy, the host's own on its thread) is
-    unset, as ``run_until_complete`` requires, and restored after."""
+    unset, as ``run_until_complete`` requires, and restored after.
 
-    __slots__ = ("previous",)
+    On the host's loop thread (``DriverLoop.run_here``, a connection
+    collected there) a task of the host's loop is running, too.  Up to
+    3.13 asyncio keeps the running task per loop, so a task of another
+    loop may be entered meanwhile; since 3.14 it is kept per *thread*, and
+    entering one raises "Cannot enter into task ... while another task
+    ... is being executed" (in a callback of the nested loop: the task
+    never runs, and the nested run never ends).  So the host's task is
+    set aside for the nested run (``_swap_current_task``) and put back
+    after."""
+
+    __slots__ = ("previous", "task")
 
     def __enter__(self) -> None:
-        self.previous = _get_running_loop()
+        self.previous = previous = _get_running_loop()
+        self.task = None
+        if _PER_THREAD_TASK and previous is not None and not isinstance(previous, _LoopProxy):
+            self.task = _swap_current_task(previous, None)
         _set_running_loop(None)
 
     def __exit__(self, *exc_info: Any) -> None:
-        _set_running_loop(self.previous)
+        previous = self.previous
+        _set_running_loop(previous)
+        if self.task is not None:
+            _swap_current_task(previous, self.task)
+            self.task = None
+
+
+#: asyncio keeps the running task per thread (3.14+), not per loop
+_PER_THREAD_TASK = sys.version_info >= (3, 14)
+_swap_current_task = getattr(asyncio.tasks, "_swap_current_task", None)
 
 
 def _run_detached(awaitable: Awaitable[Any]) -> Any:

@@ -313,14 +313,7 @@ def driver_loops_on(settings: _options.Settings, host_loop: Any) -> bool:
     """Whether async drivers' connections get loops of their own
     (``install(driver_loops=...)``) for a call whose host runs the asyncio
     loop ``host_loop`` (None: trio): on, or auto under trio, whose host no
-    asyncio driver could use.
-
-    KNOWN LIMITATION (issue 18): on an asyncio host on Python 3.14+ a
-    driver connection's loop run in a worker hangs (asyncpg's connect never
-    completes; not yet understood), so the hand-off mode is used there
-    instead, whatever driver_loops says; trio is unaffected."""
-    if host_loop is not None and sys.version_info >= (3, 14):
-        return False
+    asyncio driver could use."""
     mode = settings.driver_loops
     return mode is True or (mode is None and host_loop is None)
 
