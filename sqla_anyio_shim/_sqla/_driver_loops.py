@@ -37,7 +37,6 @@ from typing import Any
 
 from .. import _bridge
 from .._bridge import _driver_loop
-from .._bridge._call import _local
 
 __all__ = ["is_adapter_class", "patch_adapter_class", "wrap_connect"]
 
@@ -100,10 +99,12 @@ def _driver_of_argument(obj: Any) -> Any:
 def _call_in(driver: Any, fn: Any, self: Any, args: Any, kwargs: Any) -> Any:
     """``fn(self, *args, **kwargs)`` in ``driver``'s scope (_MISSING: in the
     caller's)."""
-    if driver is _MISSING or driver is getattr(_local, "driver", None):
+    if driver is _MISSING:
         return fn(self, *args, **kwargs)
-    with _driver_loop.scope(driver):
-        return fn(self, *args, **kwargs)
+    return _call_in_scope(driver, fn, self, args, kwargs)
+
+
+_call_in_scope = _driver_loop.call_in_scope
 
 
 def _scoped(fn: Any, resolve: Any) -> Any:
