@@ -239,7 +239,17 @@ def run_child(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, 
 
 def child_argv(variant: str, tasks: int, args: Any, extra: list[str]) -> list[str]:
     """The arguments of a :func:`child_main` worker."""
-    return ["--variant", variant, "--tasks", str(tasks), "--sqlite-path", args.sqlite_path, *extra]
+    return [
+        "--variant",
+        variant,
+        "--tasks",
+        str(tasks),
+        "--sqlite-path",
+        args.sqlite_path,
+        "--pg-url",
+        args.pg_url,
+        *extra,
+    ]
 
 
 def child_env(python: str, env: dict[str, str]) -> dict[str, str]:
@@ -271,6 +281,7 @@ def child_main(prog: str, run: Callable[[Any], dict[str, Any]], argv: list[str])
     p.add_argument("--ops", type=int, default=1)
     p.add_argument("--rows", type=int, default=400)
     p.add_argument("--sqlite-path", required=True)
+    p.add_argument("--pg-url", required=True)
     cargs = p.parse_args(argv)
     try:
         out = run(cargs)

@@ -64,6 +64,21 @@ CPU_VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
 }
 CPU_BASELINE = "greenlet+aiosqlite"
 
+# ``--cpu-db postgresql`` (issue 18): the same reads over asyncpg, each
+# against greenlet+asyncpg -- the hand-off (``install()``'s defaults) and
+# driver loops (the driver's coroutines in the worker: on a free-threaded
+# build the driver's own Python code runs on the worker's core too)
+CPU_PG_VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "greenlet+asyncpg": ("greenlet", "postgresql+asyncpg", {}),
+    "shim+asyncpg": ("shim", "postgresql+asyncpg", {}),
+    "shim-loops+asyncpg": ("shim-loops", "postgresql+asyncpg", {}),
+}
+
+
+def cpu_variants(db: str) -> dict[str, tuple[str, str, dict[str, str]]]:
+    """The cpu variants on ``db`` (``--cpu-db``)."""
+    return CPU_PG_VARIANTS if db == "postgresql" else CPU_VARIANTS
+
 
 def cpu_python(args: Any) -> str:
     return str(args.cpu_python or os.environ.get("BENCH_CPU_PYTHON") or sys.executable)
@@ -96,7 +111,8 @@ def run_cpu(args: Any, gs: GroupSizes, failed: list[str]) -> dict[str, Any]:
         return {"cells": [], "python": python}
     label = f"CPython {ver}{'t (free-threaded build)' if ft else ' (GIL build)'}"
     log(f"[cpu] interpreter: {python}: {label}")
-    keys = [k for k in CPU_VARIANTS if selected(k, args)]
+    variants = cpu_variants(args.cpu_db)
+    keys = [k for k in variants if selected(k, args)]
     cells: list[dict[str, Any]] = []
     for tasks in int_list(args.cpu_tasks) or gs.cpu_tasks:
         ops = gs.cpu_ops_for(tasks)
@@ -112,7 +128,7 @@ def run_cpu(args: Any, gs: GroupSizes, failed: list[str]) -> dict[str, Any]:
             for key in rotate(keys, rnd):
                 if key in cell["errors"]:
                     continue
-                cenv = dict(env, **CPU_VARIANTS[key][2])
+                cenv = dict(env, **variants[key][2])
                 res = run_child(
                     module_cmd(
                         python,
@@ -153,6 +169,7 @@ def run_cpu(args: Any, gs: GroupSizes, failed: list[str]) -> dict[str, Any]:
     return {
         "cells": cells,
         "python": python,
+        "db": args.cpu_db,
         "interpreter": label,
         "free_threaded_build": ft,
         "gil_enabled_by_default": gil,
@@ -168,26 +185,25 @@ def _window(Item: Any, start: int, rows: int) -> Any:
 
 
 def child_cpu(cargs: Any) -> dict[str, Any]:
-    kind, driver, _ = CPU_VARIANTS[cargs.variant]
+    kind, driver, _ = {**CPU_VARIANTS, **CPU_PG_VARIANTS}[cargs.variant]
+    db = "sqlite" if driver.startswith("sqlite") else "postgresql"
     try:
         use_implementation(kind)
     except Unavailable as err:
         return {"unavailable": str(err)}
-    v = Variant(cargs.variant, kind, driver, CPU_BASELINE)
+    v = Variant(cargs.variant, kind, driver, "greenlet+" + driver.split("+")[1])
     tasks, ops, rows = cargs.tasks, cargs.ops, cargs.rows
     if kind == "plain":
         return _child_cpu_threads(cargs, tasks, ops, rows)
     # only now: without greenlet (3.13t) SQLAlchemy's asyncio extension
     # imports only once install() has run
+    from sqlalchemy import func, select
     from sqlalchemy.ext.asyncio import async_sessionmaker
-    engine = async_engine(
-        driver, "sqlite", cargs, pool_size=tasks, max_overflow=0, pool_timeout=600
-    )
+
+    engine = async_engine(driver, db, cargs, pool_size=tasks, max_overflow=0, pool_timeout=600)
     Item = schema()[1]
     Session = async_sessionmaker(engine, expire_on_commit=False)
-    n_items = count_items(cargs)
-    if n_items < rows:
-        raise RuntimeError(f"bench_items has {n_items} rows, the cpu cell needs {rows}")
+    n_items = count_items(cargs) if db == "sqlite" else 0
     rng = random.Random(11)
 
     async def op(lat: list[float] | None) -> None:
@@ -204,7 +220,13 @@ def child_cpu(cargs: Any) -> dict[str, Any]:
             await op(lat)
 
     async def go() -> dict[str, Any]:
+        nonlocal n_items
         try:
+            if db != "sqlite":
+                async with engine.connect() as conn:
+                    n_items = (await conn.execute(select(func.count()).select_from(Item))).scalar()
+            if n_items < rows:
+                raise RuntimeError(f"bench_items has {n_items} rows, the cpu cell needs {rows}")
             await impl_check(v, engine)
             await asyncio.gather(*(worker(2, None) for _ in range(tasks)))
             gc.collect()

@@ -28,6 +28,12 @@ Full runs (quiet machine; durations estimated for a 2-core VM)::
     python -m benchmarks --cells reuse --merge benchmarks/results.json \
         --json benchmarks/results.json --out benchmarks/RESULTS.md \
         --plot benchmarks/ratios.png
+    # the cpu cells over asyncpg (issue 18: greenlet, the hand-off, driver
+    # loops), kept as a group of their own next to aiosqlite's
+    python -m benchmarks --cells cpu --cpu-db postgresql \
+        --cpu-group cpu:3.14t-asyncpg --cpu-python /path/to/3.14t-venv/bin/python \
+        --merge benchmarks/results.json --json benchmarks/results.json \
+        --out benchmarks/RESULTS.md --plot benchmarks/ratios.png
 
 ``--quick`` (what CI runs) runs every cell at a tiny size: about 20 s for the
 hand-off cells and 15 s for the classic grid on an idle machine.
@@ -111,6 +117,14 @@ def parse_args(argv: list[str]) -> Any:
         help="task counts of the scale cells (default 1000,5000,20000)",
     )
     p.add_argument("--cpu-tasks", default=None, help="task counts of the cpu cells (default 1,8)")
+    p.add_argument(
+        "--cpu-db",
+        default="sqlite",
+        choices=["sqlite", "postgresql"],
+        help="the cpu cells' database: sqlite (aiosqlite, pysqlite, plain threads; the default) "
+        "or postgresql (asyncpg: greenlet, the hand-off, driver loops); give the second its own "
+        "--cpu-group, e.g. cpu:3.14t-asyncpg",
+    )
     p.add_argument(
         "--cpu-group",
         default="cpu",
@@ -251,6 +265,8 @@ def run_groups(
         need.update(dbs)
     if {"scale", "cpu", "fairness"} & set(groups):
         need.add("sqlite")
+    if "cpu" in groups and args.cpu_db == "postgresql":
+        need.add("postgresql")
     for db in sorted(need):
         try:
             ensure_database(db, args, sizes)
@@ -273,7 +289,7 @@ def run_groups(
         elif g == "scale":
             data = cells_scale.run_scale(args, gs, failed) if "sqlite" in SETUP else {"cells": []}
         elif g == "cpu":
-            data = cells_cpu.run_cpu(args, gs, failed) if "sqlite" in SETUP else {"cells": []}
+            data = cells_cpu.run_cpu(args, gs, failed) if args.cpu_db in SETUP else {"cells": []}
         elif g == "fairness":
             data = (
                 cells_fairness.run_fairness(args, gs, failed)

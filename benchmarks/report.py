@@ -415,6 +415,8 @@ CPU_GOALS = (
     ("shim-sync+pysqlite", 8, 1.6),
     # issue 17: with install()'s defaults (the parallel mode on 3.14t)
     ("shim-sync+pysqlite", 1, 1.0),
+    # issue 18: asyncpg in the workers (--cpu-db postgresql)
+    ("shim-loops+asyncpg", 8, 1.3),
 )
 # issue 17: sync drivers with install()'s defaults (the parallel mode)
 # against plain sync threads (the cores' limit for this workload), same run
@@ -424,6 +426,14 @@ CPU_THREAD_GOALS = (
 )
 CPU_THREADS = "sync threads+pysqlite"
 CPU_BASELINE = "greenlet+aiosqlite"  # cells_cpu.CPU_BASELINE (report imports no cell module)
+
+
+def _cpu_baseline(key: str) -> str:
+    """greenlet on the variant's async driver: asyncpg's cells (``--cpu-db
+    postgresql``) against greenlet+asyncpg, the rest against aiosqlite's."""
+    return "greenlet+asyncpg" if key.endswith("+asyncpg") else CPU_BASELINE
+
+
 CPU_BUSY_GOAL = 1.6  # issue 17: both cores at 8 tasks
 FAIR_HOLD_MS = 20.0  # the loop is held at most ~20 ms at a time
 # "at least 80% of today's rate (15,000-26,000 select 1/s here)": 80% of the low end
@@ -494,13 +504,13 @@ def _cpu_goals(cpu: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     label = cpu.get("interpreter", "?")
     for key, tasks, target in CPU_GOALS:
         c = next((x for x in cpu.get("cells", []) if x["tasks"] == tasks), None)
-        if c is None or CPU_BASELINE not in c.get("summary", {}):
+        base = _cpu_baseline(key)
+        if c is None or base not in c.get("summary", {}) or key not in c["summary"]:
             continue  # no greenlet on this interpreter (3.13t): the thread goals below
         rows.append(
             _goal_row(
-                f"cpu (400-row ORM reads, {label}): {key}, {tasks} task(s): throughput / "
-                f"{CPU_BASELINE}",
-                _ratio(_s(c, key, "ops_per_s"), _s(c, CPU_BASELINE, "ops_per_s")),
+                f"cpu (400-row ORM reads, {label}): {key}, {tasks} task(s): throughput / {base}",
+                _ratio(_s(c, key, "ops_per_s"), _s(c, base, "ops_per_s")),
                 target,
                 False,
             )
@@ -874,7 +884,7 @@ def render_handoff(data: dict[str, Any]) -> list[str]:
         one = next((c for c in g["cells"] if c["tasks"] == 1), None)
         for c in g["cells"]:
             for key, s in c["summary"].items():
-                b = c["summary"].get(CPU_BASELINE) or {}
+                b = c["summary"].get(_cpu_baseline(key)) or {}
                 th = c["summary"].get(CPU_THREADS) or {}
                 s1 = (one or {}).get("summary", {}).get(key) or {}
                 a(

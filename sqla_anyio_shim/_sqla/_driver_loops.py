@@ -23,8 +23,9 @@ A connection's loop is closed after its adapter's ``close()`` succeeds and
 after ``terminate()``; a connection collected unclosed closes it from its
 finalizer (``_bridge.attach_driver_loop``).
 
-Until a connection with a loop of its own exists, every wrapper steps
-aside with one flag test (the hand-off mode pays nothing else).
+The adapter classes are wrapped when the first connection is to get a
+loop of its own (``_patching.activate_driver_loops``): until then the
+hand-off mode pays nothing.
 """
 
 from __future__ import annotations
@@ -324,6 +325,9 @@ def wrap_connect(original: Any) -> Any:
 
         if is_sync_driver_dialect(self):
             return original(self, *cargs, **cparams)
+        from ._patching import activate_driver_loops
+
+        activate_driver_loops()
         driver = _bridge.new_driver_loop()
         try:
             with _driver_loop.scope(driver):
