@@ -241,6 +241,38 @@ async def test_run_async_in_sync_code(anyio_backend: str, url: Any) -> None:
     assert seen and isinstance(seen[0], str)
 
 
+async def test_connection_opened_by_do_connect_gets_a_loop(anyio_backend: str, url: Any) -> None:
+    """An application's ``do_connect`` event that opens the connection
+    itself (``dialect.loaded_dbapi.connect(...)``, SQLAlchemy's documented
+    way to customise a connect) bypasses the dialect's ``connect()``: the
+    connection still gets a loop of its own, its statements run on it, and
+    the loop is closed with it.  (The loop was made in the dialect's
+    ``connect()``: under trio such a connection failed with "There is no
+    current event loop", under asyncio it silently used the hand-off.)"""
+    eng = create_async_engine(url, poolclass=NullPool)
+    opened: list[Any] = []
+
+    @sa.event.listens_for(eng.sync_engine, "do_connect")
+    def open_it(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:
+        connection = dialect.loaded_dbapi.connect(*cargs, **cparams)
+        opened.append(connection)
+        return connection
+
+    try:
+        with anyio.fail_after(30):
+            async with eng.connect() as conn:
+                assert (await conn.execute(sa.text("SELECT 4"))).scalar() == 4
+                raw = await conn.get_raw_connection()
+                loop = _driver_loop.loop_of(raw.dbapi_connection._connection)
+                assert isinstance(loop, _driver_loop.DriverLoop), "no loop of its own"
+                assert not loop.closed
+            # NullPool: closed on return, and its loop with it
+            assert loop.closed
+    finally:
+        await eng.dispose()
+    assert len(opened) == 1
+
+
 async def _a_pass() -> None:
     return None
 

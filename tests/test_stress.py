@@ -1,8 +1,9 @@
 """Stress: 1,000 concurrent ORM tasks with random cancellations, repeated.
 
 Each run is the cancelling ORM workload of ``test_sqlalchemy`` at 1,000
-tasks: aiosqlite on asyncio, sqlite3 in the workers
-(``sync_drivers=True``) on trio, a pool of 10, about a quarter of the tasks
+tasks: aiosqlite on asyncio, sqlite3 in the workers (``sync_drivers=True``)
+on trio -- and aiosqlite on both with each connection on a loop of its own
+(``driver_loops=True``) -- a pool of 10, about a quarter of the tasks
 cancelled at a random moment of the run (waiting for a connection, in the
 INSERT, in COMMIT, in the read after it).  After each run: every task whose
 commit() returned has its row, no row exists for a task cancelled before it
@@ -59,8 +60,9 @@ class _CancelSafeAiosqliteConnect:
     cancelled is closed; ``drain()`` waits for those closes, so a leak of
     the shim's own still fails the run."""
 
-    def __init__(self, eng: Any) -> None:
+    def __init__(self, eng: Any, *, driver_loops: bool) -> None:
         self.cancelled = 0
+        self._driver_loops = driver_loops
         self._closing: set[asyncio.Task[None]] = set()
         event.listen(eng.sync_engine, "do_connect", self._do_connect)
 
@@ -77,8 +79,23 @@ class _CancelSafeAiosqliteConnect:
             return await asyncio.shield(opening)
         except asyncio.CancelledError:
             self.cancelled += 1
-            opening.add_done_callback(self._close_late)
+            if self._driver_loops:
+                # this runs on the connection's own loop, which is closed
+                # once the cancelled connect has returned: close it here,
+                # then re-raise (the private task is cancelled once, so it
+                # may still wait)
+                await self._close_when_open(opening)
+            else:
+                opening.add_done_callback(self._close_late)
             raise
+
+    @staticmethod
+    async def _close_when_open(opening: asyncio.Future[Any]) -> None:
+        try:
+            connection = await opening
+        except Exception:
+            return
+        await connection.close()
 
     def _close_late(self, opening: asyncio.Future[Any]) -> None:
         if opening.cancelled() or opening.exception() is not None:
@@ -106,14 +123,19 @@ def anyio_backend(request: Any) -> Any:
 @pytest.mark.parametrize("run", range(1, REPEAT + 1), ids=lambda r: f"run{r}of{REPEAT}")
 # atomic: greenlet's rule, the host blocks while a worker runs; parallel
 # (issue 17): the sync code of different tasks runs at once (on every core
-# of a free-threaded build), the loop never blocked waiting for it
-@pytest.mark.parametrize("mode", ["atomic", "parallel"])
+# of a free-threaded build), the loop never blocked waiting for it;
+# driver_loops (issue 18): aiosqlite on both backends, each connection on
+# an event loop of its own in the worker
+@pytest.mark.parametrize("mode", ["atomic", "parallel", "driver_loops"])
 async def test_thousand_tasks_random_cancellations(
     run: int, mode: str, anyio_backend: Any, tmp_path: Any, capsys: Any
 ) -> None:
     backend = anyio_backend[0]
-    sync = backend != "asyncio"
-    sqla_anyio_shim.install(sync_drivers=sync, parallel=mode == "parallel")
+    loops = mode == "driver_loops"
+    sync = backend != "asyncio" and not loops
+    sqla_anyio_shim.install(
+        sync_drivers=sync, parallel=mode == "parallel", driver_loops=True if loops else None
+    )
     url = (
         f"sqlite:///{tmp_path / 'stress.db'}"
         if sync
@@ -136,7 +158,7 @@ async def test_thousand_tasks_random_cancellations(
         cursor.execute("PRAGMA synchronous=OFF")
         cursor.close()
 
-    opener = None if sync else _CancelSafeAiosqliteConnect(eng)
+    opener = None if sync else _CancelSafeAiosqliteConnect(eng, driver_loops=loops)
 
     try:
         async with eng.begin() as conn:
@@ -153,7 +175,7 @@ async def test_thousand_tasks_random_cancellations(
         if opener is not None:
             await opener.drain()
         await eng.dispose()
-        sqla_anyio_shim.install(sync_drivers=False)
+        sqla_anyio_shim.install()
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()
     with capsys.disabled():
         print(

@@ -12,7 +12,8 @@ connection was made in the hand-off mode, its awaits go to the host).  A
 method that runs before the adapter knows its connection (a cursor's
 ``__init__``) keeps the scope of its caller (the connection's ``cursor()``).
 Outside the adapters SQLAlchemy awaits a driver in three places, wrapped
-the same way: the dialect's ``connect()`` (the loop is made there), the
+the same way: the adapter DBAPI module's ``connect()`` (the loop is made
+there, whoever calls it: the dialect or a ``do_connect`` event), the
 function ``on_connect()`` returns (asyncpg's codec set-up), psycopg's
 ``_type_info_fetch()``.  And one coroutine of a cursor is awaited by the
 caller itself, on its own loop -- ``_async_soft_close()`` -- which runs on
@@ -39,7 +40,12 @@ from typing import Any
 from .. import _bridge
 from .._bridge import _driver_loop
 
-__all__ = ["is_adapter_class", "patch_adapter_class", "wrap_connect"]
+__all__ = [
+    "is_adapter_class",
+    "is_adapter_dbapi_class",
+    "patch_adapter_class",
+    "patch_dbapi_class",
+]
 
 _MISSING = object()
 
@@ -313,38 +319,54 @@ def patch_dialect_class(set_attr: Any, cls: type) -> None:
             set_attr(cls, name, _mark(wrap(value)))
 
 
-def wrap_connect(original: Any) -> Any:
-    """Wrap ``DefaultDialect.connect``: an async driver's connection made
-    while driver loops are in force gets a loop of its own, and is made
-    on it."""
+def is_adapter_dbapi_class(cls: type) -> bool:
+    """A SQLAlchemy stand-in for an async driver's DBAPI module
+    (``AsyncAdapt_asyncpg_dbapi``, ``PsycopgAdaptDBAPI``, ...): the
+    dialect's ``loaded_dbapi``, whose ``connect()`` makes the adapter."""
+    if not cls.__module__.startswith(("sqlalchemy.connectors.", "sqlalchemy.dialects.")):
+        return False
+    name = cls.__name__
+    is_module = (name.startswith("AsyncAdapt") and name.endswith("_dbapi")) or name.endswith(
+        "AdaptDBAPI"
+    )
+    return is_module and isinstance(cls.__dict__.get("connect"), types.FunctionType)
 
-    def connect(self: Any, *cargs: Any, **cparams: Any) -> Any:
-        if not (self.is_async and _bridge.driver_loops_in_force()):
-            return original(self, *cargs, **cparams)
-        from ._sync_drivers import is_sync_driver_dialect
 
-        if is_sync_driver_dialect(self):
-            return original(self, *cargs, **cparams)
+def patch_dbapi_class(set_attr: Any, cls: type) -> None:
+    """Wrap the adapter DBAPI module's ``connect()`` (see _connecting)."""
+    value = cls.__dict__["connect"]
+    if not _wrapped(value):
+        set_attr(cls, "connect", _mark(_connecting(value)))
+
+
+def _connecting(fn: Any) -> Any:
+    """``AsyncAdapt_*_dbapi.connect()``: an async driver's connection made
+    while driver loops are in force gets a loop of its own, and is made on
+    it.  This is the one place every connection passes through: the
+    dialect's ``connect()`` calls it, and so does an application's
+    ``do_connect`` event that opens the connection itself
+    (``dialect.loaded_dbapi.connect(...)``), which skips the dialect's --
+    a loop made there would leave such a connection without one (under
+    trio its awaits then reached no asyncio loop at all)."""
+
+    @functools.wraps(fn)
+    def connect(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _bridge.driver_loops_in_force():
+            _refuse_under_trio(self)
+            return fn(self, *args, **kwargs)
         from ._patching import activate_driver_loops
 
         activate_driver_loops()
         driver = _bridge.new_driver_loop()
         try:
             with _driver_loop.scope(driver):
-                connection = original(self, *cargs, **cparams)
-            target = getattr(connection, "_connection", None)
-            if target is None:
-                # not an async driver's adapter (a sync DBAPI behind an
-                # is_async dialect, as SQLAlchemy's TextSyncDBAPI tests
-                # make): nothing of it runs on a loop
-                driver.close()
-                return connection
-            if not _driver_loop.attach(target, driver):
+                connection = fn(self, *args, **kwargs)
+            if not _driver_loop.attach(connection._connection, driver):
                 with _driver_loop.scope(driver):
                     connection.close()
                 raise _bridge.sqlalchemy_exc().InvalidRequestError(
-                    f"sqla-anyio-shim: the {self.driver!r} driver's connection "
-                    "can hold no event loop of its own; use "
+                    f"sqla-anyio-shim: the {_driver_name(self)!r} driver's "
+                    "connection can hold no event loop of its own; use "
                     "sqla_anyio_shim.install(driver_loops=False) with this driver"
                 )
         except BaseException:
@@ -352,5 +374,25 @@ def wrap_connect(original: Any) -> Any:
             raise
         return connection
 
-    connect.__wrapped__ = original  # type: ignore[attr-defined]
     return connect
+
+
+def _driver_name(dbapi: Any) -> str:
+    # the dialect module's name: asyncpg, psycopg, aiosqlite, aiomysql, ...
+    return type(dbapi).__module__.rpartition(".")[2]
+
+
+def _refuse_under_trio(dbapi: Any) -> None:
+    """An asyncio-only driver under trio with driver loops off: fail at its
+    first connection, clearly (its awaits would reach trio's loop)."""
+    if _bridge.host_is_trio():
+        raise _bridge.sqlalchemy_exc().InvalidRequestError(
+            f"The {_driver_name(dbapi)!r} driver needs an asyncio event loop and "
+            "cannot run under trio with driver_loops=False. Under trio, "
+            "let async drivers run on event loops of their own in the "
+            "shim's workers: sqla_anyio_shim.install(driver_loops=None) (the "
+            "default) or driver_loops=True; or use a sync DBAPI driver "
+            "there: install(sync_drivers=True) and a URL such as "
+            "'sqlite:///file.db', 'postgresql+psycopg://...' or "
+            "'mysql+pymysql://...'."
+        )

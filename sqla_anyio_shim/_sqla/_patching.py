@@ -287,6 +287,10 @@ class _Installation:
                     self.adapter_classes.append(cls)
                 if self.driver_loops_active:
                     _driver_loops.patch_adapter_class(self.set, cls)
+        elif _driver_loops.is_adapter_dbapi_class(cls):
+            # where a driver connection is made, and gets its loop (from
+            # install(): no connection may be made without it)
+            _driver_loops.patch_dbapi_class(self.set, cls)
         elif cls.__module__.startswith("sqlalchemy.dialects."):
             _driver_loops.patch_dialect_class(self.set, cls)
         for attr, value in list(cls.__dict__.items()):
@@ -407,15 +411,6 @@ def install(*, sync_drivers: bool = False) -> None:
             inst.replace(asyncio.tasks.all_tasks, _bridge.all_tasks)
             inst.set(asyncio, "all_tasks", _bridge.all_tasks)
             inst.set(asyncio.tasks, "all_tasks", _bridge.all_tasks)
-            import sqlalchemy.engine.default as default
-
-            inst.set(
-                default.DefaultDialect,
-                "connect",
-                _driver_loops.wrap_connect(
-                    _sync_drivers.wrap_connect(default.DefaultDialect.connect)
-                ),
-            )
             inst.patch_loaded()
             inst.set_sync_drivers(sync_drivers)
             inst.finder = _Finder(inst)

@@ -37,7 +37,7 @@ in ``create_async_engine()``; with sync drivers enabled it is the sync one
 
 An asyncio-only driver used under trio with ``driver_loops=False`` fails
 at its first connection with an error naming both options
-(:func:`check_backend`).
+(``_driver_loops._refuse_under_trio``).
 
 Interrupters (what stops a running statement, called from another thread
 while the worker is blocked in it):
@@ -353,34 +353,3 @@ def wrap_get_async_dialect_cls(original: Any) -> Any:
 
     get_async_dialect_cls.__wrapped__ = original  # type: ignore[attr-defined]
     return get_async_dialect_cls
-
-
-def wrap_connect(original: Any) -> Any:
-    """Wrap ``DefaultDialect.connect`` with :func:`check_backend`."""
-
-    def connect(self: Any, *cargs: Any, **cparams: Any) -> Any:
-        check_backend(self)
-        return original(self, *cargs, **cparams)
-
-    connect.__wrapped__ = original  # type: ignore[attr-defined]
-    return connect
-
-
-def check_backend(dialect: Any) -> None:
-    """An asyncio-only driver under trio: fail at once, clearly."""
-    if (
-        dialect.is_async
-        and not is_sync_driver_dialect(dialect)
-        and _bridge.host_is_trio()
-        and not _bridge.driver_loops_in_force()
-    ):
-        raise _bridge.sqlalchemy_exc().InvalidRequestError(
-            f"The {dialect.driver!r} driver needs an asyncio event loop and "
-            "cannot run under trio with driver_loops=False. Under trio, "
-            "let async drivers run on event loops of their own in the "
-            "shim's workers: sqla_anyio_shim.install(driver_loops=None) (the "
-            "default) or driver_loops=True; or use a sync DBAPI driver "
-            "there: install(sync_drivers=True) and a URL such as "
-            "'sqlite:///file.db', 'postgresql+psycopg://...' or "
-            "'mysql+pymysql://...'."
-        )
