@@ -273,6 +273,37 @@ async def test_connection_opened_by_do_connect_gets_a_loop(anyio_backend: str, u
     assert len(opened) == 1
 
 
+async def test_async_creator_opening_through_another_engine(anyio_backend: str, url: Any) -> None:
+    """A connect nested in a connect: an ``async_creator`` that opens the
+    driver connection through another engine's creator, in a
+    ``greenlet_spawn()`` of its own (SQLAlchemy's
+    ``test_async_creator_invoked``).  The driver connection is made on the
+    inner connect's loop, where asyncpg and aiomysql bind it; the outer
+    adapter keeps that loop (it was given its own: "attached to a
+    different loop")."""
+    from sqlalchemy.util import greenlet_spawn
+
+    other = create_async_engine(url, poolclass=NullPool)
+    existing_creator = other.sync_engine.pool._creator
+
+    async def async_creator() -> Any:
+        sync_conn = await greenlet_spawn(existing_creator)
+        return sync_conn.driver_connection
+
+    eng = create_async_engine(url, poolclass=NullPool, async_creator=async_creator)
+    try:
+        with anyio.fail_after(30):
+            async with eng.connect() as conn:
+                assert (await conn.scalar(sa.select(1))) == 1
+                raw = await conn.get_raw_connection()
+                loop = _driver_loop.loop_of(raw.dbapi_connection._connection)
+                assert isinstance(loop, _driver_loop.DriverLoop)
+            assert loop.closed
+    finally:
+        await eng.dispose()
+        await other.dispose()
+
+
 async def _a_pass() -> None:
     return None
 

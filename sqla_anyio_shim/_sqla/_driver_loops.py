@@ -361,7 +361,16 @@ def _connecting(fn: Any) -> Any:
         try:
             with _driver_loop.scope(driver):
                 connection = fn(self, *args, **kwargs)
-            if not _driver_loop.attach(connection._connection, driver):
+            target = connection._connection
+            if _driver_loop.loop_of(target) is not None:
+                # made, and given its loop, by a connect nested in this one:
+                # an async_creator that opens the driver connection through
+                # another engine's creator (SQLAlchemy's
+                # test_async_creator_invoked).  asyncpg and aiomysql bind a
+                # connection to the loop it was made on: it keeps that one
+                driver.close()
+                return connection
+            if not _driver_loop.attach(target, driver):
                 with _driver_loop.scope(driver):
                     connection.close()
                 raise _bridge.sqlalchemy_exc().InvalidRequestError(
