@@ -304,6 +304,42 @@ async def test_async_creator_opening_through_another_engine(anyio_backend: str, 
         await other.dispose()
 
 
+async def test_placement_blocks_on_a_gil_build(anyio_backend: str, tmp_path: Any) -> None:
+    """Where the host waits for a driver-loop call (install(parallel=None),
+    the auto): as the hand-off does -- blocking the loop for up to
+    handoff_timeout on a GIL build, where the workers running their
+    connections' loops at once took turns at the GIL (issue 18's reuse
+    cells: driver loops beat the hand-off blocking, lost to it in
+    parallel), and in parallel where the GIL is off, where the first
+    stretch is not waited for either: it is the driver's I/O."""
+    from sqla_anyio_shim import _options
+    from sqla_anyio_shim._bridge._call import _local
+    from sqla_anyio_shim._bridge._host import FIRST_HANDOFF_BOUND
+
+    eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'placement.db'}")
+    seen: list[tuple[float, float]] = []
+
+    @sa.event.listens_for(eng.sync_engine, "before_cursor_execute")
+    def probe(*args: Any) -> None:
+        call = _local.call
+        seen.append((call.handoff, call.first_handoff))
+
+    try:
+        with anyio.fail_after(30):
+            async with eng.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+    finally:
+        await eng.dispose()
+    assert seen
+    handoff, first_handoff = seen[-1]
+    wait = _options.current.handoff_wait
+    if getattr(sys, "_is_gil_enabled", lambda: True)():
+        assert (handoff, first_handoff) == (wait, max(wait, FIRST_HANDOFF_BOUND))
+        assert handoff > 0
+    else:
+        assert (handoff, first_handoff) == (0.0, 0.0)
+
+
 async def _a_pass() -> None:
     return None
 

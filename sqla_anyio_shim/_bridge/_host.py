@@ -335,20 +335,28 @@ def place(call: _Call, slot: Slot | None) -> None:
       parallel on a free-threaded build whose GIL is off, and for engines
       of sync drivers (whose statements block the worker on the network:
       blocking the loop on them serializes every task's round trips) --
-      unless ``handoff_timeout=None`` asked for greenlet's full atomicity."""
+      unless ``handoff_timeout=None`` asked for greenlet's full atomicity.
+      Async drivers on loops of their own (driver loops) are not sync
+      drivers here: on a GIL build they block, as the hand-off does."""
     settings = _options.current
     domain = slot.domain if slot is not None else None
     if domain is not None:
         call.domain = domain
         _atomic(call, settings.handoff_wait)
         return
+    sync_driver = slot is not None and slot.sync_driver
     # the engine's driver I/O runs in the worker: a sync driver's, or an
     # async driver's on its connections' own loops (_driver_loop)
-    sync_driver = slot is not None and (slot.sync_driver or driver_loops_on(settings, call.loop))
+    io_in_worker = sync_driver or (slot is not None and driver_loops_on(settings, call.loop))
     parallel = settings.parallel
     if parallel is None:
         # auto; an explicit handoff_timeout=None asks for greenlet's full
-        # atomicity, which auto does not override (parallel=True does)
+        # atomicity, which auto does not override (parallel=True does).
+        # Driver loops on a GIL build block like the hand-off: measured
+        # (issue 18, session-reuse cells, same run) the workers running
+        # their connections' loops at once took turns at the GIL, 23-116
+        # context switches per select; blocking, 3-26, and driver loops
+        # beat the hand-off at 100 and 1,000 tasks on every driver
         parallel = (not _gil_enabled() or sync_driver) and settings.handoff_wait >= 0
     if not parallel:
         _atomic(call, settings.handoff_wait)
@@ -362,7 +370,7 @@ def place(call: _Call, slot: Slot | None) -> None:
     # the worker would not get the GIL that soon).  Not with a sync driver:
     # its first stretch is a statement's network round trip, and blocking
     # the loop on it is what serialized every task's round trips.
-    call.first_handoff = 0.0 if sync_driver else FIRST_HANDOFF_BOUND
+    call.first_handoff = 0.0 if io_in_worker else FIRST_HANDOFF_BOUND
 
 
 def _atomic(call: _Call, wait: float) -> None:
