@@ -88,7 +88,20 @@ def _open_loops() -> list[Any]:
 
 
 def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    """Open descriptors, less the eventfds of the workers' channels: a
+    worker the test started retires after ``idle_timeout`` (10 s), which is
+    the thread cache at work, not a leak.  What a connection or its loop
+    would leave -- sockets, a selector's epoll, a self-pipe -- counts."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]":
+                continue
+        except OSError:
+            # the listing's own descriptor, closed by now
+            continue
+        count += 1
+    return count
 
 
 @pytest.fixture(params=list(DRIVERS))
@@ -199,6 +212,87 @@ async def test_loops_closed_with_their_connections(
         )
 
     wait_until(settled, 10, "every driver loop, descriptor and closer thread is gone")
+
+
+class _SilentServer:
+    """A TCP listener that completes the handshake (the kernel does, from
+    its backlog) and never says a word: a driver's connect to it waits for
+    the server's first message until its caller gives up."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg_async", "aiomysql", "asyncmy"])
+async def test_connect_cancelled_in_flight_leaves_nothing(anyio_backend: str, driver: str) -> None:
+    """A cancellation that lands while the driver's connect runs on the new
+    connection's loop in the worker (the server has not answered): the
+    caller's scope ends promptly, the pool slot is back, and the half-made
+    connection's loop, its socket and any closer thread are gone.  No
+    database needed: the server is a silent listener."""
+    base, module = DRIVERS[driver]
+    if importlib.util.find_spec(module) is None:
+        message = f"driver {driver} ({module}) is not installed"
+        if IN_CI:
+            pytest.fail(f"CI=true and {message}", pytrace=False)
+        pytest.skip(message)
+    server = _SilentServer()
+    threads_before = {t.ident for t in threading.enumerate()}
+    loops_before = len(_open_loops())
+    fds_before = _fds()
+    # no driver-side connect timeout: only the caller's cancellation ends it
+    eng = create_async_engine(
+        base.set(host="127.0.0.1", port=server.port), pool_size=1, max_overflow=0
+    )
+    try:
+        for attempt in range(3):
+            scope = anyio.CancelScope()
+
+            async def connect(scope: anyio.CancelScope = scope) -> None:
+                with scope:
+                    async with eng.connect() as conn:
+                        await conn.execute(sa.text("SELECT 1"))
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(connect)
+                    # in flight: the connection's own loop exists (and runs
+                    # the driver's connect in the worker)
+                    while len(_open_loops()) == loops_before:
+                        await anyio.sleep(0.01)
+                    await anyio.sleep(0.05)
+                    scope.cancel()
+                    cancelled_at = anyio.current_time()
+                # the group's exit waited for connect() to return
+                took = anyio.current_time() - cancelled_at
+            assert scope.cancelled_caught, f"attempt {attempt}: the connect was not cancelled"
+            assert took < 2.0, f"attempt {attempt}: the cancelled connect took {took:.2f} s to end"
+            assert eng.sync_engine.pool.checkedout() == 0
+    finally:
+        with anyio.fail_after(30):
+            await eng.dispose()
+        server.close()
+
+    def settled() -> bool:
+        return (
+            len(_open_loops()) == loops_before
+            and _fds() <= fds_before
+            and not [
+                t
+                for t in threading.enumerate()
+                if t.ident not in threads_before and t.name.startswith("sqla-anyio-shim-loop")
+            ]
+        )
+
+    wait_until(settled, 10, "the cancelled connects' loops, sockets and closer threads are gone")
 
 
 async def test_adapter_outside_the_bridge_is_refused(anyio_backend: str, url: Any) -> None:
