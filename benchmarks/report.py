@@ -7,6 +7,7 @@ ratios.png`` re-renders them without measuring.
 from __future__ import annotations
 
 import math
+from statistics import median
 from typing import Any
 
 WORKLOAD_TITLES = {
@@ -689,6 +690,24 @@ def _stamp(g: dict[str, Any]) -> str:
     )
 
 
+def _cpu_and_idle(
+    cell: dict[str, Any], key: str, s: dict[str, Any]
+) -> tuple[float | None, float | None]:
+    """The process's CPU time per select, and the wall time per select in
+    which no thread of it was on a CPU (the loop blocked on a worker that
+    waits for the server, say); from the raw runs for results saved before
+    the summary had them."""
+    if "cpu_us_per_op" in s:
+        return s["cpu_us_per_op"], s["idle_us_per_op"]
+    runs = cell.get("runs", {}).get(key)
+    if not runs:
+        return None, None
+    return (
+        median([r["cpu_s"] / r["ops"] * 1e6 for r in runs]),
+        median([max(0.0, r["wall"] - r["cpu_s"]) / r["ops"] * 1e6 for r in runs]),
+    )
+
+
 def render_handoff(data: dict[str, Any]) -> list[str]:
     groups = data["groups"]
     out: list[str] = []
@@ -730,7 +749,11 @@ def render_handoff(data: dict[str, Any]) -> list[str]:
             "rounds. *hops/op* = `greenlet_spawn()` + `await_()` calls per select, counted in a "
             "separate untimed pass through counting wrappers of SQLAlchemy's names for them (up "
             "to 100 tasks); *csw per hop* divides the timed pass's switches per select by it. "
-            "*CPU busy* = process CPU time / wall time (1.0 = one core). "
+            "*CPU busy* = process CPU time / wall time (1.0 = one core); *CPU µs/op* = process "
+            "CPU time per select, and *idle µs/op* = the wall time per select in which the "
+            "process had no thread on a CPU (the database server's time is in neither: for the "
+            "shim on a GIL build, mostly the loop blocked on a worker that waits for the "
+            "server's reply; greenlet's loop runs another task meanwhile). "
             "Sync drivers (psycopg, pysqlite; issue 17): *shim-sync* is the same `AsyncSession` "
             "over `install(sync_drivers=True)`, and its baseline (*×base*) is *to_thread*: a sync "
             "`Session` per task, each select and the close one `anyio.to_thread.run_sync()` "
@@ -743,9 +766,12 @@ def render_handoff(data: dict[str, Any]) -> list[str]:
             "| driver | tasks × K | variant | ops/s | ×base | p50 µs | ×base | p99 µs | "
             "×base "
             "| p99 in-session µs | ×base | csw/op (vol + invol) | hops/op (spawn + await_) "
-            "| csw per hop | CPU busy | rounds |"
+            "| csw per hop | CPU busy | CPU µs/op | idle µs/op | rounds |"
         )
-        a("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        a(
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "---:|---:|"
+        )
         for c in g["cells"]:
             base, _ = _reuse_pair(c)
             for key in (base, *_reuse_shims(c)):
@@ -753,10 +779,11 @@ def render_handoff(data: dict[str, Any]) -> list[str]:
                 if not s:
                     a(
                         f"| {c['driver']} | {c['tasks']:,} × {c['k']} | {key} | FAILED: "
-                        f"{c['errors'].get(key, 'did not run')[:120]} | | | | | | | | | | | | |"
+                        f"{c['errors'].get(key, 'did not run')[:120]} | | | | | | | | | | | | | | |"
                     )
                     continue
                 b = c["summary"].get(base) or {}
+                cpu, idle = _cpu_and_idle(c, key, s)
                 apo = c.get("awaits_per_op", {}).get(key)
                 spo = c.get("spawns_per_op", {}).get(key)
                 hops = None if apo is None or spo is None else apo + spo
@@ -771,7 +798,7 @@ def render_handoff(data: dict[str, Any]) -> list[str]:
                     f"| {_r(_ratio(s.get('p99_rest_us'), b.get('p99_rest_us')))} "
                     f"| {s['csw_per_op']:.1f} ({s['vcsw_per_op']:.1f} + {s['ivcsw_per_op']:.1f}) "
                     f"| {hops_s} | {_fmt(s['csw_per_op'] / hops if hops else None)} "
-                    f"| {s['cpu_busy']:.2f} | {s['rounds']} |"
+                    f"| {s['cpu_busy']:.2f} | {_fmt(cpu)} | {_fmt(idle)} | {s['rounds']} |"
                 )
         a("")
     if "hops" in groups:
