@@ -104,6 +104,30 @@ def _fds() -> int:
     return count
 
 
+class _Baseline:
+    """What was open before a test -- driver loops, descriptors, the
+    shim's loop-closer threads -- so that it can wait until no more is."""
+
+    def __init__(self) -> None:
+        self.threads = {t.ident for t in threading.enumerate()}
+        self.fds = _fds()
+        self.loops = len(_open_loops())
+
+    def settled(self) -> bool:
+        return (
+            len(_open_loops()) == self.loops
+            and _fds() <= self.fds
+            and not [
+                t
+                for t in threading.enumerate()
+                if t.ident not in self.threads and t.name.startswith("sqla-anyio-shim-loop")
+            ]
+        )
+
+    def wait(self, what: str) -> None:
+        wait_until(self.settled, 10, what)
+
+
 @pytest.fixture(params=list(DRIVERS))
 async def url(request: Any, tmp_path: Any) -> AsyncIterator[Any]:
     """The driver's URL, its server checked to be reachable."""
@@ -171,9 +195,7 @@ async def test_loops_closed_with_their_connections(
                 strict=False,
             )
         )
-    threads_before = {t.ident for t in threading.enumerate()}
-    fds_before = _fds()
-    loops_before = len(_open_loops())
+    before = _Baseline()
     eng = create_async_engine(url, pool_size=3, max_overflow=2)
     with anyio.fail_after(60):
 
@@ -184,7 +206,7 @@ async def test_loops_closed_with_their_connections(
         async with anyio.create_task_group() as tg:
             for _ in range(5):
                 tg.start_soon(use)
-        assert len(_open_loops()) - loops_before >= 1
+        assert len(_open_loops()) - before.loops >= 1
         # a connection dropped without close(): the collector hands it back
         # (SQLAlchemy warns about it, and terminates it -- or, for psycopg,
         # drops it: the driver's own finalizer closes it and warns too)
@@ -200,18 +222,7 @@ async def test_loops_closed_with_their_connections(
             str(w.message) for w in seen
         ]
 
-    def settled() -> bool:
-        return (
-            len(_open_loops()) == loops_before
-            and _fds() <= fds_before
-            and not [
-                t
-                for t in threading.enumerate()
-                if t.ident not in threads_before and t.name.startswith("sqla-anyio-shim-loop")
-            ]
-        )
-
-    wait_until(settled, 10, "every driver loop, descriptor and closer thread is gone")
+    before.wait("every driver loop, descriptor and closer thread is gone")
 
 
 class _SilentServer:
@@ -245,9 +256,7 @@ async def test_connect_cancelled_in_flight_leaves_nothing(anyio_backend: str, dr
             pytest.fail(f"CI=true and {message}", pytrace=False)
         pytest.skip(message)
     server = _SilentServer()
-    threads_before = {t.ident for t in threading.enumerate()}
-    loops_before = len(_open_loops())
-    fds_before = _fds()
+    before = _Baseline()
     # no driver-side connect timeout: only the caller's cancellation ends it
     eng = create_async_engine(
         base.set(host="127.0.0.1", port=server.port), pool_size=1, max_overflow=0
@@ -266,7 +275,7 @@ async def test_connect_cancelled_in_flight_leaves_nothing(anyio_backend: str, dr
                     tg.start_soon(connect)
                     # in flight: the connection's own loop exists (and runs
                     # the driver's connect in the worker)
-                    while len(_open_loops()) == loops_before:
+                    while len(_open_loops()) == before.loops:
                         await anyio.sleep(0.01)
                     await anyio.sleep(0.05)
                     scope.cancel()
@@ -281,18 +290,7 @@ async def test_connect_cancelled_in_flight_leaves_nothing(anyio_backend: str, dr
             await eng.dispose()
         server.close()
 
-    def settled() -> bool:
-        return (
-            len(_open_loops()) == loops_before
-            and _fds() <= fds_before
-            and not [
-                t
-                for t in threading.enumerate()
-                if t.ident not in threads_before and t.name.startswith("sqla-anyio-shim-loop")
-            ]
-        )
-
-    wait_until(settled, 10, "the cancelled connects' loops, sockets and closer threads are gone")
+    before.wait("the cancelled connects' loops, sockets and closer threads are gone")
 
 
 async def test_adapter_outside_the_bridge_is_refused(anyio_backend: str, url: Any) -> None:
