@@ -128,16 +128,23 @@ class _Baseline:
         wait_until(self.settled, 10, what)
 
 
-@pytest.fixture(params=list(DRIVERS))
-async def url(request: Any, tmp_path: Any) -> AsyncIterator[Any]:
-    """The driver's URL, its server checked to be reachable."""
-    name = request.param
+def _installed(name: str) -> Any:
+    """The driver's base URL (None: aiosqlite's, made per test); a driver
+    that is not installed skips -- and fails under CI=true."""
     base, module = DRIVERS[name]
     if importlib.util.find_spec(module) is None:
         message = f"driver {name} ({module}) is not installed"
         if IN_CI:
             pytest.fail(f"CI=true and {message}", pytrace=False)
         pytest.skip(message)
+    return base
+
+
+@pytest.fixture(params=list(DRIVERS))
+async def url(request: Any, tmp_path: Any) -> AsyncIterator[Any]:
+    """The driver's URL, its server checked to be reachable."""
+    name = request.param
+    base = _installed(name)
     if base is None:
         yield f"sqlite+aiosqlite:///{tmp_path / 'loops.db'}"
         return
@@ -249,12 +256,7 @@ async def test_connect_cancelled_in_flight_leaves_nothing(anyio_backend: str, dr
     caller's scope ends promptly, the pool slot is back, and the half-made
     connection's loop, its socket and any closer thread are gone.  No
     database needed: the server is a silent listener."""
-    base, module = DRIVERS[driver]
-    if importlib.util.find_spec(module) is None:
-        message = f"driver {driver} ({module}) is not installed"
-        if IN_CI:
-            pytest.fail(f"CI=true and {message}", pytrace=False)
-        pytest.skip(message)
+    base = _installed(driver)
     server = _SilentServer()
     before = _Baseline()
     # no driver-side connect timeout: only the caller's cancellation ends it
