@@ -312,8 +312,6 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "vcsw_per_op": median([r["vcsw"] / r["ops"] for r in runs]),
         "ivcsw_per_op": median([r["ivcsw"] / r["ops"] for r in runs]),
         "cpu_busy": median([r["cpu_s"] / r["wall"] for r in runs]),
-        "cpu_us_per_op": median([r["cpu_s"] / r["ops"] * 1e6 for r in runs]),
-        "idle_us_per_op": median([max(0.0, r["wall"] - r["cpu_s"]) / r["ops"] * 1e6 for r in runs]),
         "rounds": len(runs),
         "ops": ops,
     }

@@ -690,15 +690,10 @@ def _stamp(g: dict[str, Any]) -> str:
     )
 
 
-def _cpu_and_idle(
-    cell: dict[str, Any], key: str, s: dict[str, Any]
-) -> tuple[float | None, float | None]:
+def _cpu_and_idle(cell: dict[str, Any], key: str) -> tuple[float | None, float | None]:
     """The process's CPU time per select, and the wall time per select in
     which no thread of it was on a CPU (the loop blocked on a worker that
-    waits for the server, say); from the raw runs for results saved before
-    the summary had them."""
-    if "cpu_us_per_op" in s:
-        return s["cpu_us_per_op"], s["idle_us_per_op"]
+    waits for the server, say): medians over the saved runs."""
     runs = cell.get("runs", {}).get(key)
     if not runs:
         return None, None
@@ -783,7 +778,7 @@ def render_handoff(data: dict[str, Any]) -> list[str]:
                     )
                     continue
                 b = c["summary"].get(base) or {}
-                cpu, idle = _cpu_and_idle(c, key, s)
+                cpu, idle = _cpu_and_idle(c, key)
                 apo = c.get("awaits_per_op", {}).get(key)
                 spo = c.get("spawns_per_op", {}).get(key)
                 hops = None if apo is None or spo is None else apo + spo

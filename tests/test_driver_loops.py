@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
+import socket
 import sys
 import threading
 import warnings
@@ -238,8 +239,6 @@ class _SilentServer:
     the server's first message until its caller gives up."""
 
     def __init__(self) -> None:
-        import socket
-
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
